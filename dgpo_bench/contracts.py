@@ -1,0 +1,407 @@
+"""What every component kind must do: Backbone, Sampler, Objective, Reward.
+
+Components are classes registered under a kebab-case ``name``. Each declares typed
+``Options`` (unknown keys rejected) and capabilities (``provides``/``requires``) that
+the resolver checks before any model is built. Heavy work happens in ``load()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import InvalidOptionsError
+from .meters import CostMeter
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+class Options(BaseModel):
+    """Base of every component's option schema: typed, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Component:
+    """Common base: identity, typed options and declared capabilities."""
+
+    kind: ClassVar[str] = "component"
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[frozenset[str]] = frozenset()
+    requires: ClassVar[frozenset[str]] = frozenset()
+    Options: ClassVar[type[Options]] = Options
+
+    def __init__(self, options: Options | dict[str, Any] | None = None):
+        self.options = self.parse_options(options)
+
+    @classmethod
+    def parse_options(cls, raw: Options | dict[str, Any] | None) -> Options:
+        if isinstance(raw, cls.Options):
+            return raw
+        try:
+            return cls.Options.model_validate(dict(raw or {}))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"]) or "options"
+            known = ", ".join(cls.Options.model_fields) or "none"
+            if err["type"] == "extra_forbidden":
+                msg = f"{cls.kind} '{cls.name}' has no option '{key}'; its options are: {known}."
+            else:
+                msg = f"Invalid option {key} for {cls.kind} '{cls.name}': {err['msg']} (got {err.get('input')!r})."
+            raise InvalidOptionsError(msg) from None
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt and whatever a reward needs to score it (e.g. OCR target, scene)."""
+
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts: named tensors whose first dimension is the batch."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def select(self, index: torch.Tensor | slice | Sequence[int]) -> "Conditioning":
+        if not isinstance(index, (slice, torch.Tensor)):
+            index = torch.as_tensor(list(index), dtype=torch.long)
+        return Conditioning({k: v[index] for k, v in self.tensors.items()})
+
+    def repeat_interleave(self, n: int) -> "Conditioning":
+        return Conditioning({k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        keys = parts[0].tensors
+        return Conditioning({k: torch.cat([p.tensors[k] for p in parts]) for k in keys})
+
+
+class SampleNoise:
+    """Independent, reproducible Gaussian streams, one per sample.
+
+    Each sample's noise depends only on its own seed, so a sample draws the same
+    noise whichever process and batch it lands in.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        draws = [torch.randn(*shape, generator=g, dtype=torch.float32) for g in self.generators]
+        return torch.stack(draws).to(device=self.device, dtype=dtype)
+
+
+@dataclass
+class SampleOutput:
+    """What a sampler returns. ``trajectory`` is (B, T+1, C, H, W), x_T first."""
+
+    latents: torch.Tensor
+    sigmas: torch.Tensor
+    trajectory: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------- backbone
+
+
+@dataclass
+class LoadContext:
+    """What the engine tells a backbone or reward when it is built."""
+
+    device: torch.device
+    world: str | None = None
+    """The prompt world of the run ('text', 'shapes', ...) for backbones that ship one model per world."""
+    seed: int = 0
+
+
+class Backbone(Component):
+    """A text-to-image flow model: x_t = (1 - s) x0 + s eps, predicts v = eps - x0.
+
+    Subclasses implement ``load``, ``encode_prompts``, ``_velocity``, ``decode``,
+    ``trainable_parameters``, ``_reference_weights`` and the save/load of trainable
+    weights. Callers use ``velocity`` which applies CFG and charges the cost meter,
+    so no component can evaluate the model without the engine seeing it.
+    """
+
+    kind = "backbone"
+    latent_shape: tuple[int, int, int] = (0, 0, 0)
+    default_guidance_scale: float = 1.0
+    default_shift: float = 1.0
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    def __init__(self, options: Options | dict[str, Any] | None = None):
+        super().__init__(options)
+        self.meter = CostMeter()
+        self._role = "policy"
+        self._null_cond: Conditioning | None = None
+
+    # -- implemented by plugins
+    def load(self, ctx: LoadContext) -> None:
+        raise NotImplementedError
+
+    def encode_prompts(self, texts: Sequence[str]) -> Conditioning:
+        """Encode prompts (implementations cache by text); '' is the CFG null prompt."""
+        raise NotImplementedError
+
+    def _velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One conditional forward pass; ``sigmas`` has shape (B,) in [0, 1]."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents to uint8 images of shape (B, H, W, 3)."""
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def _reference_weights(self) -> contextlib.AbstractContextManager:
+        """Context in which the model computes with its frozen base weights."""
+        raise NotImplementedError
+
+    def save_trainable(self, directory: Path) -> None:
+        """Write the trainable weights in a format the ecosystem loads."""
+        raise NotImplementedError
+
+    def load_trainable(self, directory: Path) -> None:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> None:
+        """Switch dropout/normalisation modes of the trainable modules."""
+
+    # -- shared behaviour
+    @property
+    def role(self) -> str:
+        return self._role
+
+    def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor | float, cond: Conditioning,
+                 guidance_scale: float = 1.0) -> torch.Tensor:
+        """Velocity at ``sigmas``, with classifier-free guidance when ``guidance_scale != 1``."""
+        b = latents.shape[0]
+        sig = torch.as_tensor(sigmas, device=latents.device, dtype=torch.float32)
+        sig = sig.expand(b) if sig.ndim == 0 else sig
+        if guidance_scale == 1.0:
+            self.meter.add_nfe(self._role, b)
+            return self._velocity(latents, sig, cond)
+        self.meter.add_nfe(self._role, 2 * b)
+        v = self._velocity(torch.cat([latents, latents]), torch.cat([sig, sig]),
+                           Conditioning.cat([self.null_conditioning(b), cond]))
+        v_uncond, v_cond = v.chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+    def null_conditioning(self, batch: int) -> Conditioning:
+        if self._null_cond is None:
+            self._null_cond = self.encode_prompts([""])
+        return Conditioning({k: v.expand(batch, *v.shape[1:]) for k, v in self._null_cond.tensors.items()})
+
+    @contextlib.contextmanager
+    def as_role(self, role: str) -> Iterator[None]:
+        outer, self._role = self._role, role
+        try:
+            yield
+        finally:
+            self._role = outer
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Evaluate with the frozen base model (LoRA disabled or frozen copy)."""
+        with self.as_role("reference"), self._reference_weights():
+            yield
+
+    @contextlib.contextmanager
+    def swapped_weights(self, tensors: Sequence[torch.Tensor], role: str = "ema") -> Iterator[None]:
+        """Temporarily load ``tensors`` into the trainable parameters (e.g. EMA weights)."""
+        params = self.trainable_parameters()
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+            for p, t in zip(params, tensors):
+                p.copy_(t)
+        try:
+            with self.as_role(role):
+                yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(params, saved):
+                    p.copy_(t)
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+class SamplerOptions(Options):
+    steps: int = 10
+    guidance_scale: float | None = None
+    """CFG scale; None uses the backbone's default."""
+    shift: float | None = None
+    """Timestep shift of the flow schedule; None uses the backbone's default."""
+
+
+class Sampler(Component):
+    """Integrates a backbone's flow from noise (sigma 1) to an image (sigma 0)."""
+
+    kind = "sampler"
+    Options = SamplerOptions
+    provides = frozenset({"trajectory"})
+
+    def guidance(self, backbone: Backbone) -> float:
+        g = self.options.guidance_scale
+        return backbone.default_guidance_scale if g is None else g
+
+    def sample(self, backbone: Backbone, cond: Conditioning, noise: torch.Tensor, *,
+               step_noise: SampleNoise | None = None, trajectory: bool = False) -> SampleOutput:
+        """Run the sampler. ``step_noise`` feeds stochastic steps, one stream per sample."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- objective
+
+
+class OptimizerOptions(Options):
+    """Optimizer settings every objective exposes (AdamW)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+
+
+@dataclass
+class RolloutBatch:
+    """This process's share of one step's complete groups, with their rewards."""
+
+    prompts: list[Prompt]
+    cond: Conditioning
+    noise: torch.Tensor
+    latents: torch.Tensor
+    sigmas: torch.Tensor
+    group_ids: torch.Tensor
+    """Global group index of each local sample."""
+    rewards: torch.Tensor
+    guidance_scale: float
+    trajectory: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+@dataclass
+class StepOutput:
+    """Diagnostics of one objective step; ``advantages`` are logged per sample."""
+
+    metrics: dict[str, float]
+    advantages: torch.Tensor | None = None
+
+
+class TrainContext:
+    """What the engine lends an objective for one run (see engine.Engine)."""
+
+    backbone: Backbone
+    sampler: Sampler
+    accelerator: "Accelerator"
+    step: int
+    num_groups: int
+    group_size: int
+
+    def rng(self, *keys: int) -> torch.Generator:
+        """A generator seeded from the run seed and ``keys``, identical on every process."""
+        raise NotImplementedError
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate a per-sample tensor across processes (in global sample order)."""
+        raise NotImplementedError
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def group_sum(self, values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        """Per-group sums of a per-sample tensor over every process -> (num_groups,)."""
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate (refuses non-finite losses)."""
+        raise NotImplementedError
+
+    def optimizer_step(self) -> float:
+        """Average gradients over processes, clip, step, zero; returns the grad norm."""
+        raise NotImplementedError
+
+
+class Objective(Component):
+    """One optimizer step on a batch of complete groups; owns its extra weights (EMA)."""
+
+    kind = "objective"
+    Options = OptimizerOptions
+    default_sampler: ClassVar[str] = "ode-euler"
+    needs_trajectory: ClassVar[bool] = False
+
+    def setup(self, ctx: TrainContext) -> None:
+        """Called once after the backbone is loaded (e.g. to copy EMA weights)."""
+
+    def rollout_weights(self, ctx: TrainContext) -> contextlib.AbstractContextManager:
+        """Context in which the next rollouts are generated (default: current weights)."""
+        return contextlib.nullcontext()
+
+    def train_step(self, batch: RolloutBatch, ctx: TrainContext) -> StepOutput:
+        """Forward/backward passes for one step; call ``ctx.backward`` on each loss."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` saved."""
+
+
+# --------------------------------------------------------------------------- reward
+
+
+class Reward(Component):
+    """Scores (image, prompt) pairs; never returns a constant to hide a failure."""
+
+    kind = "reward"
+    higher_is_better: ClassVar[bool] = True
+    score_range: ClassVar[tuple[float, float] | None] = None
+    groupwise: ClassVar[bool] = False
+    """If True, ``score`` is called with one complete group at a time."""
+    world: ClassVar[str | None] = None
+    """The prompt world whose prompt sets this reward ships (``prompts``)."""
+
+    def load(self, ctx: LoadContext) -> None:
+        """Build heavy state (models, worker pools)."""
+
+    def score(self, images: np.ndarray, prompts: Sequence[Prompt]) -> np.ndarray:
+        """uint8 images (B, H, W, 3) and their prompts -> float scores (B,)."""
+        raise NotImplementedError
+
+    def prompts(self, split: str) -> list[Prompt]:
+        """Shipped prompts for ``split`` in {'train', 'eval'}."""
+        raise NotImplementedError(f"reward '{self.name}' ships no prompt set")
+
+    def close(self) -> None:
+        """Release workers and servers."""

@@ -1,0 +1,77 @@
+"""Cost meters owned by the engine: wall-clock per phase, model evaluations, images."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+from collections import defaultdict
+from typing import Iterator
+
+import torch
+
+PHASES = ("rollout", "reward", "train", "eval")
+ROLES = ("policy", "reference", "ema")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+class CostMeter:
+    """Counts what a run spends; every backbone evaluation is charged here.
+
+    ``nfe`` counts single-sample forward passes of the denoiser by weight role
+    (a CFG evaluation of one sample counts two). Eval-phase costs are kept apart
+    from training costs so budgets and time-to-target use training spend only.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.nfe: dict[str, int] = defaultdict(int)
+        self.eval_nfe = 0
+        self.images = 0
+        self.reward_calls = 0
+        self.optimizer_steps = 0
+        self._phase: str | None = None
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        outer, self._phase = self._phase, name
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+            self._phase = outer
+
+    def add_nfe(self, role: str, n: int) -> None:
+        if self._phase == "eval":
+            self.eval_nfe += n
+        else:
+            self.nfe[role] += n
+
+    @property
+    def train_seconds(self) -> float:
+        """Wall-clock spent on everything but evaluation."""
+        return sum(v for k, v in self.seconds.items() if k != "eval")
+
+    def snapshot(self) -> dict:
+        peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+        return {
+            "wall_seconds": round(time.perf_counter() - self._start, 3),
+            "train_seconds": round(self.train_seconds, 3),
+            "seconds": {k: round(self.seconds.get(k, 0.0), 3) for k in PHASES},
+            "nfe": {k: self.nfe.get(k, 0) for k in ROLES},
+            "nfe_total": sum(self.nfe.values()),
+            "eval_nfe": self.eval_nfe,
+            "images": self.images,
+            "reward_calls": self.reward_calls,
+            "optimizer_steps": self.optimizer_steps,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_gpu_mb": round(peak_gpu, 1),
+        }
