@@ -111,6 +111,12 @@ class SampleNoise:
     def __len__(self) -> int:
         return len(self.generators)
 
+    def subset(self, index: slice) -> "SampleNoise":
+        """The streams of samples ``index`` (shared, not copied)."""
+        sub = SampleNoise([], self.device)
+        sub.generators = self.generators[index]
+        return sub
+
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         draws = [torch.randn(*shape, generator=g, dtype=torch.float32) for g in self.generators]
         return torch.stack(draws).to(device=self.device, dtype=dtype)

@@ -60,6 +60,16 @@ class CostMeter:
         """Wall-clock spent on everything but evaluation."""
         return sum(v for k, v in self.seconds.items() if k != "eval")
 
+    def restore(self, snap: dict) -> None:
+        """Continue counting from a ``snapshot`` (resume after a checkpoint)."""
+        self.seconds.update(snap.get("seconds", {}))
+        self.nfe.update(snap.get("nfe", {}))
+        self.eval_nfe = snap.get("eval_nfe", 0)
+        self.images = snap.get("images", 0)
+        self.reward_calls = snap.get("reward_calls", 0)
+        self.optimizer_steps = snap.get("optimizer_steps", 0)
+        self._start = time.perf_counter() - snap.get("wall_seconds", 0.0)
+
     def snapshot(self) -> dict:
         peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
         return {

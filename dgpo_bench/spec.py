@@ -77,6 +77,10 @@ class RunSpec(_Strict):
     seed: int = 0
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0: only at the end)."""
+    rollout_batch_size: int = 0
+    """Images per sampler call during rollouts (0: the whole local batch at once)."""
+    log_samples: bool = False
+    """Write per-sample rewards and advantages of every step to rollouts.jsonl."""
 
     @field_validator("group_size")
     @classmethod

@@ -1,0 +1,332 @@
+"""The run loop: rollouts -> rewards -> objective step -> meters -> evaluation -> results.
+
+The engine owns the budget, the cost meters and the evaluation protocol; objectives
+only see a ``TrainContext``. Every process runs this loop; processes own contiguous
+slices of each step's global batch, so all per-sample randomness is keyed by the
+global sample index and N processes reproduce one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .context import EngineContext, derive_seed, sample_seeds
+from .contracts import LoadContext, Prompt, Reward, RolloutBatch, SampleNoise, SampleOutput
+from .errors import MissingWeightsError, SpecError
+from .evaluation import EvalResult, evaluate, score_reward
+from .meters import CostMeter
+from .progress import ProgressReporter
+from .resolve import Resolved
+from .results import METRICS_FILE, RESULT_FILE, SPEC_FILE, append_jsonl, environment, save_grid, write_json
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def load_prompt_file(path: str) -> list[Prompt]:
+    """Prompts from a .jsonl file ({"prompt", "metadata"} per line) or a text file (one per line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"Prompt file {p} does not exist; check prompts.train / prompts.eval.")
+    lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
+    if p.suffix == ".jsonl":
+        try:
+            rows = [json.loads(ln) for ln in lines]
+            return [Prompt(r["prompt"], r.get("metadata", {})) for r in rows]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SpecError(f"Prompt file {p} must hold one JSON object with a 'prompt' key per line.") from None
+    return [Prompt(ln.strip()) for ln in lines]
+
+
+class Engine:
+    """Runs one resolved spec into ``run_dir``; resumes from its checkpoint if present."""
+
+    def __init__(self, resolved: Resolved, run_dir: Path, *, accelerator=None, progress: bool = True,
+                 plugin_versions: dict[str, str] | None = None):
+        from accelerate import Accelerator
+
+        self.r = resolved
+        self.spec = resolved.spec
+        self.run_dir = Path(run_dir)
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.main = self.acc.is_main_process
+        self.progress = ProgressReporter(enabled=progress and self.main)
+        self.plugin_versions = plugin_versions or {}
+        self.meter = CostMeter()
+        n_img = self.spec.images_per_step
+        if n_img % self.acc.num_processes:
+            raise SpecError(f"{n_img} images per step (group_size x prompts_per_step) do not split evenly over "
+                            f"{self.acc.num_processes} processes; change group_size or prompts_per_step.")
+        self.local = n_img // self.acc.num_processes
+        if any(cls.groupwise for cls, _, _ in resolved.rewards) and self.local % self.spec.group_size:
+            raise SpecError("Group-wise rewards need whole groups on every process; make group_size x "
+                            "prompts_per_step / processes a multiple of group_size.")
+
+    # ------------------------------------------------------------------ setup
+    def _build(self) -> None:
+        r, spec = self.r, self.spec
+        torch.manual_seed(spec.seed)
+        self.reward_objs: dict[str, Reward] = {}
+        world = r.rewards[0][0].world
+        load_ctx = LoadContext(device=self.acc.device, world=world, seed=spec.seed)
+        for (cls, opts, _), ref in zip(r.rewards, spec.rewards):
+            self.reward_objs[ref.name] = cls(opts)
+        self.weights = {ref.name: w for (_, _, w), ref in zip(r.rewards, spec.rewards)}
+        self.eval_names = list(self.reward_objs)
+        for (cls, opts), ref in zip(r.eval_rewards, spec.eval.rewards):
+            if ref.name not in self.reward_objs:
+                self.reward_objs[ref.name] = cls(opts)
+                self.eval_names.append(ref.name)
+        self.eval_names = [n for n in self.eval_names if not self.reward_objs[n].groupwise]
+        for reward in self.reward_objs.values():
+            reward.load(load_ctx)
+        first = self.reward_objs[spec.rewards[0].name]
+        self.train_prompts = (load_prompt_file(spec.prompts.train) if spec.prompts.train else first.prompts("train"))
+        eval_all = load_prompt_file(spec.prompts.eval) if spec.prompts.eval else first.prompts("eval")
+        if len(eval_all) < spec.eval.prompts:
+            self.progress.log(f"[yellow]only {len(eval_all)} held-out prompts available; using all of them")
+        self.eval_prompts = eval_all[: spec.eval.prompts]
+        if len(self.train_prompts) < spec.prompts_per_step:
+            raise SpecError(f"The training prompt set has {len(self.train_prompts)} prompts, fewer than "
+                            f"prompts_per_step={spec.prompts_per_step}; add prompts or lower prompts_per_step.")
+
+        b_cls, b_opts = r.backbone
+        self.backbone = b_cls(b_opts)
+        self.backbone.meter = self.meter
+        self.backbone.load(load_ctx)
+        self.sampler = r.sampler[0](r.sampler[1])
+        self.eval_sampler = r.eval_sampler[0](r.eval_sampler[1])
+        o_cls, o_opts = r.objective
+        self.objective = o_cls(o_opts)
+        self.ctx = EngineContext(self.backbone, self.sampler, self.acc, o_opts, spec.seed, spec.group_size,
+                                 spec.prompts_per_step)
+        self.objective.setup(self.ctx)
+
+    # ------------------------------------------------------------------ steps
+    def _step_prompts(self, step: int) -> list[int]:
+        """Global prompt indices of ``step``: a seeded permutation, epoch by epoch."""
+        n, k = len(self.train_prompts), self.spec.prompts_per_step
+        out: list[int] = []
+        pos = step * k
+        while len(out) < k:
+            epoch, offset = divmod(pos, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.spec.seed, "epoch", epoch)))
+            take = perm[offset: offset + k - len(out)].tolist()
+            out += take
+            pos += len(take)
+        return out
+
+    def _rollout(self, step: int) -> tuple[RolloutBatch, np.ndarray, dict[str, np.ndarray]]:
+        spec, bb = self.spec, self.backbone
+        g = spec.group_size
+        rank = self.acc.process_index
+        prompt_ids = self._step_prompts(step)
+        global_idx = list(range(rank * self.local, (rank + 1) * self.local))
+        group_ids = torch.tensor([i // g for i in global_idx])
+        prompts = [self.train_prompts[prompt_ids[i // g]] for i in global_idx]
+        cond = bb.encode_prompts([p.text for p in prompts])
+        noise = SampleNoise(sample_seeds(spec.seed, step, global_idx), bb.device).randn(bb.latent_shape, bb.dtype)
+        step_noise = SampleNoise(sample_seeds(spec.seed, step, global_idx, "sde"), bb.device)
+        chunk = spec.rollout_batch_size or self.local
+        outs: list[SampleOutput] = []
+        with self.meter.phase("rollout"), torch.no_grad(), self.objective.rollout_weights(self.ctx):
+            bb.train(False)
+            for s in range(0, self.local, chunk):
+                sl = slice(s, s + chunk)
+                outs.append(self.sampler.sample(bb, cond.select(sl), noise[sl], step_noise=step_noise.subset(sl),
+                                                trajectory=self.objective.needs_trajectory))
+        self.meter.images += spec.images_per_step
+        out = SampleOutput(
+            latents=torch.cat([o.latents for o in outs]), sigmas=outs[0].sigmas,
+            trajectory=torch.cat([o.trajectory for o in outs]) if outs[0].trajectory is not None else None,
+            log_probs=torch.cat([o.log_probs for o in outs]) if outs[0].log_probs is not None else None)
+        with self.meter.phase("reward"):
+            images = bb.decode(out.latents)
+            raw = {name: score_reward(name, self.reward_objs[name], images, prompts, g) for name in self.weights}
+            self.meter.reward_calls += spec.images_per_step * len(self.weights)
+        total = sum(self.weights[n] * raw[n] for n in self.weights)
+        batch = RolloutBatch(prompts=prompts, cond=cond, noise=noise, latents=out.latents, sigmas=out.sigmas,
+                             group_ids=group_ids, rewards=torch.as_tensor(total, dtype=torch.float32),
+                             guidance_scale=self.sampler.guidance(bb), trajectory=out.trajectory,
+                             log_probs=out.log_probs)
+        return batch, images, raw
+
+    def _over_budget(self, step: int) -> bool:
+        b, m = self.spec.budget, self.meter
+        over = ((b.steps is not None and step >= b.steps)
+                or (b.seconds is not None and m.train_seconds >= b.seconds)
+                or (b.images is not None and m.images >= b.images)
+                or (b.reward_calls is not None and m.reward_calls >= b.reward_calls))
+        if self.acc.num_processes > 1:  # every process must stop at the same step
+            over = bool(self.ctx.all_reduce_sum(torch.tensor([float(over)], device=self.acc.device)).item())
+        return over
+
+    def _cost(self) -> dict[str, Any]:
+        snap = self.meter.snapshot()
+        if self.acc.num_processes > 1:
+            keys = list(snap["nfe"])
+            t = torch.tensor([snap["nfe"][k] for k in keys] + [snap["eval_nfe"]], dtype=torch.float64,
+                             device=self.acc.device)
+            t = self.acc.reduce(t, reduction="sum").tolist()
+            snap["nfe"] = {k: int(v) for k, v in zip(keys, t)}
+            snap["eval_nfe"], snap["nfe_total"] = int(t[-1]), int(sum(t[:-1]))
+        snap["processes"] = self.acc.num_processes
+        return snap
+
+    # ------------------------------------------------------------------ eval
+    def _evaluate(self, step: int, label: str) -> EvalResult:
+        res = evaluate(self.backbone, self.eval_sampler, {n: self.reward_objs[n] for n in self.eval_names},
+                       self.eval_prompts, self.spec.eval.seeds, self.spec.eval.batch_size, self.acc,
+                       self.progress, self.spec.eval.grid, f"eval ({label})")
+        if self.main:
+            append_jsonl(self.run_dir / METRICS_FILE, {"type": "eval", "step": step, "label": label,
+                                                       "scores": res.scores, "cost": self._cost()})
+            if res.grid is not None:
+                save_grid(self.run_dir / "samples" / f"{label}.png", res.grid, res.grid_prompts)
+        else:
+            self._cost()  # keep collectives in step across processes
+        self.progress.log(f"eval {label} (step {step}): " + ", ".join(f"{k} {v:.4f}" for k, v in res.scores.items()))
+        return res
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, step: int, base: dict[str, float]) -> None:
+        if not self.main:
+            return
+        from safetensors.torch import save_file
+
+        tmp = self.run_dir / f".{CHECKPOINT_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        params = {f"p{i}": p.detach().contiguous().cpu() for i, p in enumerate(self.backbone.trainable_parameters())}
+        save_file(params, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": self.ctx.optimizer.state_dict(), "objective": self.objective.state_dict()},
+                   tmp / "state.pt")
+        write_json(tmp / "engine.json", {"step": step, "cost": self.meter.snapshot(), "base": base})
+        final = self.run_dir / CHECKPOINT_DIR
+        old = self.run_dir / f".{CHECKPOINT_DIR}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self) -> tuple[int, dict[str, float]] | None:
+        ck = self.run_dir / CHECKPOINT_DIR
+        if not (ck / "engine.json").is_file():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            params = load_file(str(ck / "trainable.safetensors"))
+            state = torch.load(ck / "state.pt", weights_only=True, map_location="cpu")
+            info = json.loads((ck / "engine.json").read_text())
+        except Exception as exc:
+            raise MissingWeightsError(f"The checkpoint in {ck} is corrupt ({type(exc).__name__}); delete that "
+                                      "folder to restart the run from the beginning.") from None
+        trainable = self.backbone.trainable_parameters()
+        if len(params) != len(trainable):
+            raise SpecError(f"The checkpoint in {ck} holds {len(params)} tensors but this run trains "
+                            f"{len(trainable)}; it belongs to another spec: use another --out.")
+        with torch.no_grad():
+            for i, p in enumerate(trainable):
+                p.copy_(params[f"p{i}"])
+        self.ctx.optimizer.load_state_dict(state["optimizer"])
+        self.objective.load_state_dict(state["objective"])
+        self.meter.restore(info["cost"])
+        return info["step"], info["base"]
+
+    # ------------------------------------------------------------------ run
+    def prepare_dir(self) -> None:
+        """Create the run directory, or check that the one there holds the same spec."""
+        resolved = self.r.resolved_dict()
+        spec_path = self.run_dir / SPEC_FILE
+        if spec_path.is_file():
+            old = json.loads(spec_path.read_text())
+            if old != json.loads(json.dumps(resolved)):
+                raise SpecError(f"{self.run_dir} already holds a run with a different spec; pass another --out "
+                                "or delete it.")
+        elif self.main:
+            write_json(spec_path, resolved)
+
+    def run(self) -> dict[str, Any]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare_dir()
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with self.progress:
+            self._build()
+            resumed = self._load_checkpoint()
+            if resumed:
+                step, base = resumed
+                self.ctx.step = step
+                self.progress.log(f"resuming {self.run_dir} at step {step}")
+            else:
+                step = 0
+                base = self._evaluate(0, "base").scores
+            budget = self.spec.budget.steps
+            task = self.progress.task("train", budget)
+            if step:
+                self.progress.advance(task, step)
+            while not self._over_budget(step):
+                self._train_step(step)
+                step += 1
+                self.progress.advance(task, 1, description=f"train (reward {self._last_reward:.3f})")
+                if self.spec.eval.every and step % self.spec.eval.every == 0:
+                    self._evaluate(step, f"step{step:05d}")
+                if self.spec.checkpoint_every and step % self.spec.checkpoint_every == 0:
+                    self._save_checkpoint(step, base)
+            self.progress.finish(task)
+            final = self._evaluate(step, "final")
+            if self.main:
+                self.backbone.save_trainable(self.run_dir / "weights")
+        result = {
+            "status": "finished",
+            "spec": self.r.resolved_dict(),
+            "notes": self.r.notes,
+            "seed": self.spec.seed,
+            "steps": step,
+            "train_reward": self.spec.rewards[0].name,
+            "base": base,
+            "tuned": final.scores,
+            "higher_is_better": {n: type(self.reward_objs[n]).higher_is_better for n in self.eval_names},
+            "cost": self._cost(),
+            "started": started,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "environment": environment(),
+            "plugins": self.plugin_versions,
+            "run_dir": str(self.run_dir),
+        }
+        if self.main:
+            write_json(self.run_dir / "per_prompt.json", {"prompts": [p.text for p in self.eval_prompts],
+                                                          "final": final.per_prompt})
+            write_json(self.run_dir / RESULT_FILE, result)
+            shutil.rmtree(self.run_dir / CHECKPOINT_DIR, ignore_errors=True)
+        for reward in self.reward_objs.values():
+            reward.close()
+        return result
+
+    def _train_step(self, step: int) -> None:
+        self.ctx.step = step
+        batch, _, raw = self._rollout(step)
+        with self.meter.phase("train"):
+            self.backbone.train(True)
+            out = self.objective.train_step(batch, self.ctx)
+        rewards = self.ctx.gather(batch.rewards.to(self.acc.device)).cpu()
+        raw_means = {n: float(self.ctx.gather(torch.as_tensor(v, device=self.acc.device)).mean()) for n, v in raw.items()}
+        self._last_reward = float(rewards.mean())
+        record = {"type": "train", "step": step + 1, "reward_mean": self._last_reward,
+                  "reward_std": float(rewards.std(unbiased=False)), "rewards": raw_means,
+                  "metrics": out.metrics, "cost": self._cost()}
+        if self.main:
+            append_jsonl(self.run_dir / METRICS_FILE, record)
+        if self.spec.log_samples:
+            adv = self.ctx.gather(out.advantages.to(self.acc.device)).cpu().tolist() if out.advantages is not None else None
+            gids = self.ctx.gather(batch.group_ids.to(self.acc.device)).cpu().tolist()
+            if self.main:
+                append_jsonl(self.run_dir / "rollouts.jsonl", {"step": step + 1, "group_ids": gids,
+                                                               "rewards": rewards.tolist(), "advantages": adv})

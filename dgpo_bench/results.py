@@ -1,0 +1,179 @@
+"""Run directory format: atomic writes while running, loading for ``compare``.
+
+A run directory holds ``spec.resolved.json`` (enough to re-run), ``metrics.jsonl``
+(train and eval records with cumulative cost), ``result.json`` (written last, so its
+presence marks a finished run), ``samples/*.png`` and ``weights/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SpecError
+
+SPEC_FILE, METRICS_FILE, RESULT_FILE = "spec.resolved.json", "metrics.jsonl", "result.json"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n").encode())
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one record as a single line and flush it to disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record, default=_jsonable) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_grid(path: Path, images: np.ndarray, captions: list[str] | None = None, cols: int = 4) -> None:
+    """Tile uint8 images (B, H, W, 3) into one PNG, optionally captioned."""
+    from PIL import Image, ImageDraw
+
+    b, h, w, _ = images.shape
+    cols = max(1, min(cols, b))
+    rows = (b + cols - 1) // cols
+    cap_h = 12 if captions else 0
+    pad = 2
+    canvas = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + cap_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(b):
+        r, c = divmod(i, cols)
+        x, y = pad + c * (w + pad), pad + r * (h + cap_h + pad)
+        canvas.paste(Image.fromarray(images[i]), (x, y))
+        if captions:
+            draw.text((x, y + h), captions[i][: max(4, w // 6)], fill="black")
+    import io
+
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def git_revision(cwd: Path | None = None) -> str | None:
+    """The git revision of the dgpo-bench checkout (with '-dirty' when modified)."""
+    root = cwd or Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not rev:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    versions = {}
+    for dist in ("dgpo-bench", "torch", "diffusers", "transformers", "accelerate", "peft", "rapidocr",
+                 "onnxruntime", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "versions": versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "git_revision": git_revision(),
+    }
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class RunRecord:
+    """A finished run as ``compare`` sees it."""
+
+    path: Path
+    result: dict[str, Any]
+    metrics: list[dict[str, Any]]
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.result["spec"]
+
+    @property
+    def evals(self) -> list[dict[str, Any]]:
+        return [m for m in self.metrics if m.get("type") == "eval"]
+
+
+def load_run(path: Path) -> RunRecord:
+    result_path = path / RESULT_FILE
+    if not result_path.is_file():
+        raise SpecError(f"{path} has no {RESULT_FILE}: the run did not finish; rerun or resume it.")
+    try:
+        result = json.loads(result_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{result_path} is corrupt ({exc}); delete the run directory and rerun it.") from None
+    metrics = []
+    mpath = path / METRICS_FILE
+    if mpath.is_file():
+        for line in mpath.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    metrics.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash; the finished result.json is authoritative
+    return RunRecord(path, result, metrics)
+
+
+def find_runs(paths: list[Path]) -> list[RunRecord]:
+    """Finished runs under ``paths`` (each a run directory or a folder of them)."""
+    runs: list[RunRecord] = []
+    for p in paths:
+        if not p.exists():
+            raise SpecError(f"{p} does not exist; pass run directories or a suite directory.")
+        if (p / RESULT_FILE).is_file():
+            runs.append(load_run(p))
+        else:
+            runs += [load_run(r.parent) for r in sorted(p.rglob(RESULT_FILE))]
+    if not runs:
+        raise SpecError(f"No finished runs (directories with {RESULT_FILE}) under {', '.join(map(str, paths))}.")
+    return runs

@@ -1,0 +1,76 @@
+"""Building components outside a training run (``dgpo-bench eval``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .contracts import Backbone, LoadContext, Prompt, Reward, Sampler
+from .errors import SpecError
+from .plugins import Components
+from .progress import ProgressReporter
+from .results import SPEC_FILE
+from .spec import apply_option_overrides
+
+
+@dataclass
+class EvalSession:
+    backbone: Backbone
+    sampler: Sampler
+    rewards: dict[str, Reward]
+    prompts: list[Prompt]
+    accelerator: Any
+    progress: ProgressReporter
+
+
+def build_for_eval(comps: Components, run_dir: Path | None, backbone: str | None, rewards: list[dict[str, Any]],
+                   sampler: str | None, n_prompts: int | None, overrides: list[str]) -> EvalSession:
+    """Backbone (with a run's trained weights if given), eval sampler, rewards and prompts."""
+    from accelerate import Accelerator
+
+    data: dict[str, Any] = {"backbone": {"name": backbone or "nano"}, "rewards": rewards,
+                            "eval": {"sampler": {"name": sampler or "ode-euler"}, "prompts": n_prompts or 256}}
+    if run_dir is not None:
+        spec_path = Path(run_dir) / SPEC_FILE
+        if not spec_path.is_file():
+            raise SpecError(f"{run_dir} is not a run directory (no {SPEC_FILE}); pass the folder a run wrote.")
+        run_spec = json.loads(spec_path.read_text())
+        if backbone is None:
+            data["backbone"] = run_spec["backbone"]
+        if not rewards:
+            data["rewards"] = [{"name": r["name"], "options": r.get("options", {})} for r in run_spec["rewards"]]
+        if sampler is None:
+            data["eval"]["sampler"] = run_spec["eval"]["sampler"]
+    if not data["rewards"]:
+        raise SpecError("No reward to score; pass --reward NAME (e.g. --reward ocr).")
+    data = apply_option_overrides(data, overrides)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    reward_objs: dict[str, Reward] = {}
+    world = None
+    for ref in data["rewards"]:
+        cls = comps.rewards.get(ref["name"])
+        reward_objs[ref["name"]] = cls(ref.get("options"))
+        world = world or cls.world
+    first = next(iter(reward_objs.values()))
+    if world is None:
+        raise SpecError(f"Reward '{first.name}' ships no held-out prompts; score with a reward that does (e.g. ocr).")
+    b_cls = comps.backbones.get(data["backbone"]["name"])
+    bb = b_cls(data["backbone"].get("options"))
+    s_cls = comps.samplers.get(data["eval"]["sampler"]["name"])
+    smp = s_cls(data["eval"]["sampler"].get("options"))
+    ctx = LoadContext(device=acc.device, world=world)
+    bb.load(ctx)
+    if run_dir is not None:
+        weights = Path(run_dir) / "weights"
+        if not weights.is_dir():
+            raise SpecError(f"{run_dir} has no trained weights (weights/); the run did not finish.")
+        bb.load_trainable(weights)
+    for r in reward_objs.values():
+        r.load(ctx)
+    source = next(r for r in reward_objs.values() if r.world == world)
+    prompts = source.prompts("eval")[: data["eval"]["prompts"]]
+    return EvalSession(bb, smp, reward_objs, prompts, acc, ProgressReporter())
