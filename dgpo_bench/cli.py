@@ -125,3 +125,7 @@ def results_table(title: str, base: dict[str, float], tuned: dict[str, float],
         good = delta > 0 if higher.get(name, True) else delta < 0
         table.add_row(name, f"{b:.4f}", f"{t:.4f}", f"[{'green' if good else 'red'}]{delta:+.4f}[/]")
     return table
+
+
+if __name__ == "__main__":
+    sys.exit(main())
