@@ -1,0 +1,60 @@
+"""The CLI's error boundary and commands that build no model."""
+
+import json
+
+import pytest
+
+from dgpo_bench.cli import main
+
+
+def _main(capsys, *argv):
+    code = main(list(argv))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "--objective", "dgpp", "--reward", "ocr", "--dry-run"], "Unknown objective 'dgpp'. Did you mean 'dgpo'"),
+    (["run", "--reward", "orc", "--dry-run"], "Unknown reward 'orc'. Did you mean 'ocr'"),
+    (["run", "--objective", "flow-grpo", "--sampler", "ode-euler", "--dry-run"], "needs a sampler that provides log_probs"),
+    (["run", "-o", "dgpo.nope=1", "--dry-run"], "has no option 'nope'"),
+    (["run", "-o", "dgpo.beta_kl", "--dry-run"], "COMPONENT.KEY=VALUE"),
+    (["run", "-o", "pickle.x=1", "--dry-run"], "not a component of this run"),
+    (["run", "--group-size", "1", "--dry-run"], "group_size"),
+    (["run", "--config", "/no/such/file.toml", "--dry-run"], "does not exist"),
+    (["run", "--backbone", "nano", "-o", "nano.weights=/no/such/dir", "--steps", "1"], "/no/such/dir"),
+    (["eval", "/no/such/run", "--reward", "ocr"], "not a run directory"),
+    (["compare", "/no/such/dir"], "does not exist"),
+])
+def test_user_errors_are_one_sentence_and_exit_2(capsys, argv, needle):
+    code, out, err = _main(capsys, *argv)
+    assert code == 2
+    assert needle in " ".join(err.split())
+    assert "Traceback" not in err and out == ""
+
+
+def test_debug_shows_the_traceback(capsys):
+    from dgpo_bench.errors import UnknownComponentError
+
+    with pytest.raises(UnknownComponentError):
+        main(["--debug", "run", "--objective", "dgpp", "--dry-run"])
+
+
+def test_dry_run_prints_the_resolved_spec_as_json(capsys):
+    code, out, err = _main(capsys, "run", "--objective", "dgpo", "--reward", "ocr", "--dry-run",
+                           "--steps", "7", "-o", "dgpo.beta_kl=0.5")
+    assert code == 0
+    spec = json.loads(out)
+    assert spec["budget"]["steps"] == 7
+    assert spec["objective"]["options"]["beta_kl"] == 0.5
+    assert spec["sampler"]["name"] == "dpm-solver"
+    assert "lr" in spec["objective"]["options"]
+
+
+def test_plugins_json_lists_every_kind(capsys):
+    code, out, _ = _main(capsys, "plugins", "--json")
+    assert code == 0
+    rows = json.loads(out)["components"]
+    kinds = {r["kind"] for r in rows}
+    assert {"backbone", "sampler", "objective", "reward", "preset"} <= kinds
+    assert all(r["plugin"] and r["version"] for r in rows)
