@@ -1,0 +1,63 @@
+"""The ``nano`` backbone: the shipped pixel-space MM-DiT with its char-level text encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from dgpo_bench.contracts import LoadContext
+
+from ..checkpoints import corrupt, require_files
+from ..transformer import DTYPES, TransformerBackbone, TransformerOptions
+
+WORLDS = ("text", "shapes")
+
+
+class NanoOptions(TransformerOptions):
+    world: Literal["auto", "text", "shapes"] = "auto"
+    """Which shipped checkpoint to load; 'auto' follows the run's prompt world (text if it has none)."""
+    weights: Path | None = None
+    """A checkpoint folder (config.json + model.safetensors) to load instead of the shipped one."""
+
+
+class NanoBackbone(TransformerBackbone):
+    """Tiny pixel-space SD3-architecture model that ships with dgpo-bench (text and shapes worlds)."""
+
+    name = "nano"
+    Options = NanoOptions
+
+    def load(self, ctx: LoadContext) -> None:
+        from .model import default_weights_dir, load_nano
+
+        opts = self.options
+        world = opts.world if opts.world != "auto" else (ctx.world or "text")
+        path = Path(opts.weights) if opts.weights is not None else default_weights_dir(world)
+        fix = ("pass weights=<folder> with a nano checkpoint, or pretrain one with "
+               f"'python -m dgpo_bench_backbones.nano.pretrain --world {world}'")
+        require_files(path, ["config.json", "model.safetensors"], f"nano '{world}' checkpoint", fix)
+        try:
+            model = load_nano(path, device=ctx.device, dtype=DTYPES[opts.dtype])
+        except Exception as exc:  # bad JSON, damaged safetensors, or tensors that do not fit the config
+            raise corrupt("nano checkpoint", path, exc) from None
+        self.model = model
+        self.model.text_encoder.requires_grad_(False)
+        self.device, self.dtype = ctx.device, DTYPES[opts.dtype]
+        cfg = model.config
+        self.world = cfg.world
+        self.latent_shape = (cfg.channels, cfg.height, cfg.width)
+        self.default_guidance_scale, self.default_shift = float(cfg.guidance_scale), float(cfg.shift)
+        self._attach_transformer(model.transformer)
+
+    def _encode_uncached(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        ehs, pooled = self.model.encode(texts)
+        return {"encoder_hidden_states": ehs, "pooled_projections": pooled}
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Pixels in [-1, 1] (B, C, H, W) -> uint8 (B, H, W, 3); grey images are repeated to RGB."""
+        x = ((latents.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return x.permute(0, 2, 3, 1).cpu().numpy()

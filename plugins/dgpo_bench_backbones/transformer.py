@@ -1,0 +1,225 @@
+"""Shared base of backbones built on a diffusers MM-DiT (``SD3Transformer2DModel``).
+
+One code path for every such backbone (nano, SD3): LoRA through peft on the attention
+projections (reference = adapters disabled, no second copy) or full fine-tuning of the
+transformer (reference = a frozen copy made at load), a per-prompt embedding cache,
+and save/load of the trainable weights in formats diffusers loads: LoRA as
+``pytorch_lora_weights.safetensors`` with ``transformer.``-prefixed keys and the
+adapter config as metadata (``StableDiffusion3Pipeline.load_lora_weights``), full
+weights as a diffusers ``transformer/`` folder (``SD3Transformer2DModel.from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import torch
+from pydantic import Field
+
+from dgpo_bench.contracts import Backbone, Conditioning, Options
+from dgpo_bench.errors import InvalidOptionsError
+
+from .checkpoints import CorruptWeightsError, corrupt, require_files
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
+"""The attention projections Flow-GRPO and DGPO adapt (joint attention of every block)."""
+LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_PREFIX = "transformer."
+FULL_DIR = "transformer"
+FULL_FILE = "diffusion_pytorch_model.safetensors"
+
+
+class TransformerOptions(Options):
+    """Options shared by MM-DiT backbones."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype of the frozen weights; LoRA weights are always kept in fp32."""
+    lora_rank: int = Field(0, ge=0)
+    """LoRA rank; 0 trains the whole transformer (text encoders always stay frozen)."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (scale = alpha / rank); None means alpha = rank."""
+    lora_init: Literal["gaussian", "kaiming"] = "gaussian"
+    """LoRA A init (B starts at zero either way): peft's 'gaussian' (as released) or Kaiming-uniform."""
+    lora_target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    gradient_checkpointing: bool = False
+    prompt_cache: int = Field(65536, ge=0)
+    """How many encoded prompts to keep (least recently used are dropped); 0 disables the cache."""
+
+
+class TransformerBackbone(Backbone):
+    """Base for backbones whose denoiser is a diffusers ``SD3Transformer2DModel``.
+
+    A subclass's ``load`` builds its encoders, sets ``latent_shape`` and the defaults,
+    then calls ``_attach_transformer``; it implements ``_encode_uncached`` and ``decode``.
+    """
+
+    Options = TransformerOptions
+    transformer: torch.nn.Module
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._frozen: torch.nn.Module | None = None
+        self._trainable: list[torch.nn.Parameter] = []
+        self._reference_depth = 0
+
+    # -- for subclasses
+    def _encode_uncached(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Encode ``texts`` -> {'encoder_hidden_states': (B, L, D), 'pooled_projections': (B, P)}."""
+        raise NotImplementedError
+
+    def _attach_transformer(self, transformer: torch.nn.Module) -> None:
+        """Take ``transformer`` (already on device and in dtype) and make its trainable part."""
+        opts = self.options
+        self.transformer = transformer.requires_grad_(False).eval()
+        if opts.lora_rank > 0:
+            from peft import LoraConfig
+
+            config = LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha or opts.lora_rank,
+                                init_lora_weights=True if opts.lora_init == "kaiming" else "gaussian",
+                                target_modules=list(opts.lora_target_modules))
+            try:
+                transformer.add_adapter(config)
+            except ValueError as exc:
+                raise InvalidOptionsError(
+                    f"lora_target_modules {opts.lora_target_modules} match no layer of the {self.name} "
+                    f"transformer ({str(exc).splitlines()[0][:120]}); use names such as {list(LORA_TARGETS)}."
+                ) from None
+            self._trainable = [p for p in transformer.parameters() if p.requires_grad]
+            for p in self._trainable:
+                p.data = p.data.float()
+        else:
+            self._frozen = copy.deepcopy(transformer).eval()
+            self._trainable = list(transformer.requires_grad_(True).parameters())
+        if opts.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+
+    @property
+    def is_lora(self) -> bool:
+        return self.options.lora_rank > 0
+
+    # -- contract
+    def encode_prompts(self, texts: Sequence[str]) -> Conditioning:
+        texts = list(texts)
+        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        fresh: dict[str, dict[str, torch.Tensor]] = {}
+        if new:
+            with torch.no_grad():
+                enc = self._encode_uncached(new)
+            fresh = {t: {k: v[i] for k, v in enc.items()} for i, t in enumerate(new)}
+        rows = [fresh.get(t) or self._cache[t] for t in texts]
+        out = Conditioning({k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+        capacity = self.options.prompt_cache
+        for t in texts:
+            if t in self._cache:
+                self._cache.move_to_end(t)
+        for t, row in fresh.items():
+            if capacity:
+                self._cache[t] = row
+        while len(self._cache) > capacity:
+            self._cache.popitem(last=False)
+        return out
+
+    def _velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        net = self._frozen if (self._reference_depth and self._frozen is not None) else self.transformer
+        t = cond.tensors
+        out = net(hidden_states=latents.to(self.dtype),
+                  encoder_hidden_states=t["encoder_hidden_states"].to(self.dtype),
+                  pooled_projections=t["pooled_projections"].to(self.dtype),
+                  timestep=sigmas.float() * 1000.0, return_dict=False)[0]
+        return out.float()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self._trainable)
+
+    @contextlib.contextmanager
+    def _reference_weights(self) -> Iterator[None]:
+        lora = self._frozen is None
+        if lora and self._reference_depth == 0:
+            self.transformer.disable_adapters()
+        self._reference_depth += 1
+        try:
+            yield
+        finally:
+            self._reference_depth -= 1
+            if lora and self._reference_depth == 0:
+                self.transformer.enable_adapters()
+
+    def train(self, mode: bool = True) -> None:
+        self.transformer.train(mode)
+
+    def save_trainable(self, directory: Path) -> None:
+        directory = Path(directory)
+        if not self.is_lora:
+            self.transformer.save_pretrained(directory / FULL_DIR, max_shard_size="1000GB")
+            return
+        from diffusers.loaders import SD3LoraLoaderMixin
+        from peft.utils import get_peft_model_state_dict
+
+        layers = {k: v.detach().float().cpu().contiguous()
+                  for k, v in get_peft_model_state_dict(self.transformer, adapter_name="default").items()}
+        meta = self.transformer.peft_config["default"].to_dict()
+        SD3LoraLoaderMixin.save_lora_weights(directory, transformer_lora_layers=layers,
+                                             transformer_lora_adapter_metadata=meta)
+
+    def load_trainable(self, directory: Path) -> None:
+        directory = Path(directory)
+        fix = "point to a folder written by save_trainable"
+        if not self.is_lora:
+            require_files(directory, [f"{FULL_DIR}/{FULL_FILE}"], "trained transformer", fix)
+            state = _read_safetensors(directory / FULL_DIR / FULL_FILE, "trained transformer")
+            try:
+                self.transformer.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise corrupt("trained transformer", directory / FULL_DIR, exc) from None
+            return
+        require_files(directory, [LORA_FILE], "LoRA weights", fix + " with lora_rank > 0")
+        path = directory / LORA_FILE
+        state = _read_safetensors(path, "LoRA weights")
+        params = dict(self.transformer.named_parameters())
+        wanted = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): k
+                  for k in params if ".lora_A.default." in k or ".lora_B.default." in k}
+        got = {k[len(LORA_PREFIX):]: v for k, v in state.items() if k.startswith(LORA_PREFIX)}
+        meta = _lora_metadata(path)
+        cfg = self.transformer.peft_config["default"]
+        mismatch = (set(got) != set(wanted)
+                    or any(got[k].shape != params[wanted[k]].shape for k in got)
+                    or (meta and (meta.get("r") != cfg.r or float(meta.get("lora_alpha", cfg.lora_alpha))
+                                  != float(cfg.lora_alpha))))
+        if mismatch:
+            raise CorruptWeightsError(
+                f"The LoRA weights at {path} do not fit this backbone's adapter (rank {cfg.r}, alpha "
+                f"{cfg.lora_alpha}, {len(wanted)} tensors); set lora_rank, lora_alpha and "
+                "lora_target_modules to the values they were trained with."
+            )
+        with torch.no_grad():
+            for k, v in got.items():
+                params[wanted[k]].copy_(v)
+
+
+def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises several unrelated types for a damaged file
+        raise corrupt(what, path, exc) from None
+
+
+def _lora_metadata(path: Path) -> dict:
+    """The adapter config diffusers stores in the LoRA file (``transformer.``-prefixed keys)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    packed = json.loads(raw)
+    return {k[len(LORA_PREFIX):]: v for k, v in packed.items() if k.startswith(LORA_PREFIX)}
