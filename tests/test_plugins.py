@@ -105,3 +105,16 @@ def test_cli_flags_override_file_and_preset(components, tmp_path):
     spec, _ = build_spec(components, {"group_size": 5, "objective": {"name": "dgpo"}}, ["dgpo.beta_kl=0.5"])
     assert spec.group_size == 5
     assert spec.objective.options["beta_kl"] == 0.5
+
+
+def test_every_hook_is_documented_for_plugin_authors():
+    from pathlib import Path
+
+    from dgpo_bench import hookspecs
+
+    guide = (Path(__file__).resolve().parent.parent / "CONTRIBUTING.md").read_text()
+    hooks = [n for n in dir(hookspecs) if n.startswith("register_")]
+    assert len(hooks) == 6
+    for name in hooks:
+        assert f"`{name}`" in guide, f"CONTRIBUTING.md does not mention hook {name}"
+        assert getattr(hookspecs, name).__doc__, f"hook {name} has no docstring"
