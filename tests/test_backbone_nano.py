@@ -213,3 +213,14 @@ def test_missing_and_corrupt_weights(weights, tmp_path):
         make(tmp_path / "partial")
     with pytest.raises(InvalidOptionsError, match="lora_target_modules"):
         make(weights, lora_rank=2, lora_target_modules=["no_such_layer"])
+
+
+def test_lora_init_depends_only_on_the_run_seed(weights):
+    def init(seed):
+        bb = NanoBackbone({"weights": str(weights), "lora_rank": 4})
+        torch.manual_seed(seed + 100)  # the global RNG must not matter
+        bb.load(LoadContext(device=torch.device("cpu"), seed=seed))
+        return torch.cat([p.detach().flatten() for p in bb.trainable_parameters()])
+
+    a, b, c = init(0), init(0), init(1)
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.abs().sum() > 0

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -75,8 +76,11 @@ class TransformerBackbone(Backbone):
         """Encode ``texts`` -> {'encoder_hidden_states': (B, L, D), 'pooled_projections': (B, P)}."""
         raise NotImplementedError
 
-    def _attach_transformer(self, transformer: torch.nn.Module) -> None:
-        """Take ``transformer`` (already on device and in dtype) and make its trainable part."""
+    def _attach_transformer(self, transformer: torch.nn.Module, seed: int) -> None:
+        """Take ``transformer`` (already on device and in dtype) and make its trainable part.
+
+        The LoRA init is drawn from ``seed`` so every process starts from the same adapter.
+        """
         opts = self.options
         self.transformer = transformer.requires_grad_(False).eval()
         if opts.lora_rank > 0:
@@ -86,7 +90,9 @@ class TransformerBackbone(Backbone):
                                 init_lora_weights=True if opts.lora_init == "kaiming" else "gaussian",
                                 target_modules=list(opts.lora_target_modules))
             try:
-                transformer.add_adapter(config)
+                with torch.random.fork_rng():
+                    torch.manual_seed(seed)
+                    transformer.add_adapter(config)
             except ValueError as exc:
                 raise InvalidOptionsError(
                     f"lora_target_modules {opts.lora_target_modules} match no layer of the {self.name} "
@@ -202,6 +208,14 @@ class TransformerBackbone(Backbone):
         with torch.no_grad():
             for k, v in got.items():
                 params[wanted[k]].copy_(v)
+
+
+def pixels_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1] (B, C, H, W) -> uint8 (B, H, W, 3); one channel is repeated to RGB."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:

@@ -11,9 +11,7 @@ import torch
 from dgpo_bench.contracts import LoadContext
 
 from ..checkpoints import corrupt, require_files
-from ..transformer import DTYPES, TransformerBackbone, TransformerOptions
-
-WORLDS = ("text", "shapes")
+from ..transformer import DTYPES, TransformerBackbone, TransformerOptions, pixels_to_uint8
 
 
 class NanoOptions(TransformerOptions):
@@ -49,15 +47,12 @@ class NanoBackbone(TransformerBackbone):
         self.world = cfg.world
         self.latent_shape = (cfg.channels, cfg.height, cfg.width)
         self.default_guidance_scale, self.default_shift = float(cfg.guidance_scale), float(cfg.shift)
-        self._attach_transformer(model.transformer)
+        self._attach_transformer(model.transformer, ctx.seed)
 
     def _encode_uncached(self, texts: list[str]) -> dict[str, torch.Tensor]:
         ehs, pooled = self.model.encode(texts)
         return {"encoder_hidden_states": ehs, "pooled_projections": pooled}
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Pixels in [-1, 1] (B, C, H, W) -> uint8 (B, H, W, 3); grey images are repeated to RGB."""
-        x = ((latents.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return x.permute(0, 2, 3, 1).cpu().numpy()
+        """Pixels in [-1, 1] (B, C, H, W) -> uint8 (B, H, W, 3)."""
+        return pixels_to_uint8(latents)

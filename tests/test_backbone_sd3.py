@@ -1,0 +1,176 @@
+"""The sd3 backbone against a tiny random SD3.5-style pipeline built offline in a tmp folder."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import shutil
+
+import pytest
+import torch
+
+from dgpo_bench.context import EngineContext
+from dgpo_bench.contracts import LoadContext, OptimizerOptions
+from dgpo_bench.errors import InvalidOptionsError, MissingWeightsError
+from dgpo_bench.plugins import get_plugin_manager, load_components
+from dgpo_bench_backbones import plugin
+from dgpo_bench_backbones.checkpoints import CorruptWeightsError
+from dgpo_bench_backbones.sd3 import SD3Backbone
+from dgpo_bench_backbones.tiny_sd3 import build_tiny_sd3
+
+CPU = LoadContext(device=torch.device("cpu"))
+PROMPTS = ['a sign that says "cat"', "a red cube"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sd3") / "tiny-sd3"
+    build_tiny_sd3(path)
+    return path
+
+
+def load(folder, **opts):
+    bb = SD3Backbone({"path": str(folder), "dtype": "fp32", "resolution": 32, "lora_rank": 4, "lora_alpha": 8,
+                      **opts})
+    bb.load(CPU)
+    return bb
+
+
+def pipeline(folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def noise(b=2, seed=3):
+    return torch.randn(b, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def euler(bb, cond, x, steps, guidance):
+    """A plain Euler loop on the shifted sigma grid of the folder's scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(bb.options.path, subfolder="scheduler")
+    sched.set_timesteps(steps)
+    sig = sched.sigmas
+    for i in range(steps):
+        x = x + (sig[i + 1] - sig[i]) * bb.velocity(x, sig[i], cond, guidance_scale=guidance)
+    return x
+
+
+def test_registered_with_defaults(folder, monkeypatch):
+    comps = load_components(get_plugin_manager(load_entrypoints=False, plugins=[plugin]))
+    assert comps.backbones.get("sd3") is SD3Backbone
+    opts = SD3Backbone.Options()
+    assert (opts.lora_rank, opts.lora_alpha, opts.dtype, opts.resolution) == (64, 128.0, "bf16", 512)
+    monkeypatch.setenv("DGPO_BENCH_SD3_PATH", str(folder))
+    bb = SD3Backbone({"dtype": "fp32", "lora_rank": 2})
+    bb.load(CPU)
+    assert bb.latent_shape == (4, 256, 256)  # 512 px through the tiny VAE's factor 2
+    assert (bb.default_guidance_scale, bb.default_shift) == (4.5, 3.0)
+
+
+def test_cfg_sampling_and_decode_match_the_diffusers_pipeline(folder):
+    bb = load(folder)
+    x0 = noise()
+    with torch.no_grad():
+        ours = euler(bb, bb.encode_prompts(PROMPTS), x0, steps=3, guidance=4.5)
+        pipe = pipeline(folder)
+        theirs = pipe(PROMPTS, latents=x0, num_inference_steps=3, guidance_scale=4.5, max_sequence_length=128,
+                      height=32, width=32, output_type="latent").images
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+        pixels = pipe.vae.decode(theirs / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor)[0]
+    expected = ((pixels.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+    images = bb.decode(ours)
+    assert images.shape == (2, 32, 32, 3) and images.dtype.name == "uint8"
+    assert abs(images.astype(int) - expected.astype(int)).max() <= 1
+    assert bb.meter.nfe["policy"] == 3 * 2 * 2
+
+
+def train_step(bb, steps=1, lr=1e-2):
+    """Velocity-MSE flow matching through the contract and the engine's optimizer step."""
+    from accelerate import Accelerator
+
+    ctx = EngineContext(bb, None, Accelerator(cpu=True), OptimizerOptions(lr=lr), seed=0, group_size=2,
+                        num_groups=1)
+    cond = bb.encode_prompts(PROMPTS)
+    x0 = noise(seed=5)
+    for _ in range(steps):
+        eps, s = torch.randn_like(x0), torch.tensor([0.3, 0.8])
+        xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
+        ctx.backward((bb.velocity(xt, s, cond) - (eps - x0)).square().mean())
+        ctx.optimizer_step()
+
+
+def test_training_step_changes_lora_and_reference_stays_base(folder):
+    bb = load(folder)
+    cond = bb.encode_prompts(PROMPTS)
+    x, s = noise(seed=7), torch.tensor([0.5, 0.9])
+    with torch.no_grad():
+        base = bb.velocity(x, s, cond)
+    before = [p.detach().clone() for p in bb.trainable_parameters()]
+    train_step(bb)
+    changed = [not torch.equal(a, p) for a, p in zip(before, bb.trainable_parameters())]
+    assert sum(changed) == len(changed) - 1  # all but the last block's unused context query (grad 0)
+    assert all(p.dtype == torch.float32 for p in bb.trainable_parameters())
+    with torch.no_grad():
+        assert (bb.velocity(x, s, cond) - base).abs().max() > 1e-4
+        with bb.reference():
+            torch.testing.assert_close(bb.velocity(x, s, cond), base, rtol=0, atol=0)
+    assert bb.meter.optimizer_steps == 1 and dict(bb.meter.nfe) == {"policy": 6, "reference": 2}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(folder):
+    grads = []
+    for flag in (False, True):
+        bb = load(folder, gradient_checkpointing=flag, lora_init="kaiming")
+        bb.train()
+        x, s = noise(seed=9), torch.tensor([0.4, 0.7])
+        bb.velocity(x, s, bb.encode_prompts(PROMPTS)).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in bb.trainable_parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
+
+
+def test_exported_lora_loads_into_a_plain_pipeline_and_changes_it(folder, tmp_path):
+    bb = load(folder)
+    train_step(bb, steps=2)
+    bb.save_trainable(tmp_path / "lora")
+    x, s = noise(seed=11), torch.tensor([0.6, 0.6])
+    cond = bb.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        trained = bb.velocity(x, s, cond)
+    pipe = pipeline(folder)
+    call = dict(latents=noise(), num_inference_steps=2, guidance_scale=4.5, height=32, width=32, output_type="np")
+    plain = pipe(PROMPTS, **call).images
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    with torch.no_grad():
+        v = pipe.transformer(hidden_states=x, timestep=s * 1000, encoder_hidden_states=cond.tensors[
+            "encoder_hidden_states"], pooled_projections=cond.tensors["pooled_projections"], return_dict=False)[0]
+    torch.testing.assert_close(v, trained, rtol=1e-5, atol=1e-5)
+    assert abs(pipe(PROMPTS, **call).images - plain).max() > 1e-3
+
+
+def test_missing_incomplete_and_corrupt_folders(folder, tmp_path, monkeypatch):
+    monkeypatch.delenv("DGPO_BENCH_SD3_PATH", raising=False)
+    with pytest.raises(MissingWeightsError, match="DGPO_BENCH_SD3_PATH"):
+        SD3Backbone().load(CPU)
+    with pytest.raises(MissingWeightsError, match="does not exist"):
+        load(tmp_path / "nowhere")
+    with pytest.raises(MissingWeightsError, match="could not be loaded from the Hugging Face Hub"):
+        load("nobody-here/no-such-model")
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "text_encoder_3" / "model.safetensors").unlink()
+    shutil.rmtree(broken / "scheduler")
+    with pytest.raises(MissingWeightsError, match=r"missing scheduler/, text_encoder_3 weights\)"):
+        load(broken)
+    shutil.copytree(folder / "scheduler", broken / "scheduler")
+    shutil.copy(folder / "text_encoder_3" / "model.safetensors", broken / "text_encoder_3")
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(CorruptWeightsError, match="could not be loaded"):
+        load(broken)
+    with pytest.raises(InvalidOptionsError, match="not a multiple of 4"):
+        load(folder, resolution=30)
