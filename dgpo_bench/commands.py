@@ -186,14 +186,23 @@ def register_core_commands(app: typer.Typer, state) -> None:
     def bench(
         suite_file: Path = typer.Argument(..., help="A suite TOML file."),
         out_dir: Optional[Path] = typer.Option(None, "--out", help="Suite directory (default runs/<suite name>)."),
-        only: List[str] = typer.Option([], "--only", help="Run only cells whose name contains this."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and exit."),
+        only: List[str] = typer.Option([], "--only", help="Run only cells whose name (ENTRY/seedK) contains this; "
+                                                          "repeatable."),
+        option: List[str] = typer.Option([], "-o", "--option", help="COMPONENT.KEY=VALUE for every cell, e.g. "
+                                                                    "-o sd3.path=/models/sd35m; repeatable."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Resolve every cell, list them with their status, "
+                                                              "and exit."),
     ) -> None:
-        """Run every cell of a suite at equal budget, skipping finished cells."""
+        """Run every cell of a suite at equal budget; finished cells are skipped, interrupted ones resume."""
+        from .errors import SuiteError
         from .suite import load_suite, run_suite
 
         comps = state.components()
-        suite = load_suite(suite_file)
-        run_suite(suite, comps, out_dir or Path("runs") / suite.name, only=only, dry_run=dry_run,
-                  console=err)
-
+        suite = load_suite(suite_file, option)
+        report = run_suite(suite, comps, out_dir or Path("runs") / suite.name, only=only, dry_run=dry_run,
+                           console=err)
+        if report.failed:
+            first = report.failed[0]
+            raise SuiteError(f"{len(report.failed)} of {len(report.cells)} cells of suite '{suite.name}' failed "
+                             f"({first.cell}: {first.error}); fix the cause and rerun the same command, which "
+                             "skips the finished cells.")

@@ -56,3 +56,7 @@ class RewardError(DgpoBenchError):
 
 class TrainingDivergedError(DgpoBenchError):
     """A non-finite loss or gradient during training."""
+
+
+class SuiteError(DgpoBenchError):
+    """Cells of a suite that failed while the other cells ran."""
