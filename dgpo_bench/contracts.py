@@ -278,9 +278,34 @@ class Sampler(Component):
         g = self.options.guidance_scale
         return backbone.default_guidance_scale if g is None else g
 
+    def shift(self, backbone: Backbone) -> float:
+        s = self.options.shift
+        return backbone.default_shift if s is None else s
+
     def sample(self, backbone: Backbone, cond: Conditioning, noise: torch.Tensor, *,
                step_noise: SampleNoise | None = None, trajectory: bool = False) -> SampleOutput:
         """Run the sampler. ``step_noise`` feeds stochastic steps, one stream per sample."""
+        raise NotImplementedError
+
+
+class StochasticSampler(Sampler):
+    """A sampler with Gaussian transitions whose log-probs it reports (``provides`` log_probs).
+
+    ``sample`` returns ``log_probs`` (B, T), NaN at deterministic steps. Policy-gradient
+    objectives re-score stored transitions under the current weights with ``step_log_prob``.
+    """
+
+    provides = frozenset({"trajectory", "log_probs"})
+
+    def stochastic_steps(self, num_steps: int) -> list[int]:
+        """Indices k of the steps x_k -> x_{k+1} that draw noise (and so have a log-prob)."""
+        raise NotImplementedError
+
+    def step_log_prob(self, backbone: Backbone, cond: Conditioning, x: torch.Tensor, x_next: torch.Tensor,
+                      sigmas: torch.Tensor, k: int, guidance_scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log_prob (B,), mean of x_next, the step's std_dev_t) of x -> x_next at step ``k``
+        of the grid ``sigmas``, under the backbone's current weights (differentiable)."""
         raise NotImplementedError
 
 

@@ -1,0 +1,1 @@
+"""First-party samplers: ``ode-euler``, ``dpm-solver`` and ``flow-sde``."""

@@ -1,0 +1,127 @@
+"""Tiny real backbones for numeric tests: every evaluation goes through ``Backbone.velocity``.
+
+``MlpBackbone``: a small MLP velocity model with trainable weights and a frozen reference
+copy. ``GaussianFlowBackbone``: the exact velocity of rectified flow from N(0, I) noise to
+N(mu, s0^2 I) data, where mu = (prompt embedding + a trainable offset).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from dgpo_bench.contracts import Backbone, Conditioning, LoadContext, Options
+
+
+def prompt_embedding(text: str, dim: int) -> torch.Tensor:
+    """A fixed pseudo-random embedding per text; the empty prompt maps to zeros."""
+    if text == "":
+        return torch.zeros(dim)
+    seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & (2**62)
+    return torch.randn(dim, generator=torch.Generator().manual_seed(seed))
+
+
+class ToyOptions(Options):
+    latent_shape: tuple[int, int, int] = (2, 4, 4)
+    embed_dim: int = 8
+    hidden: int = 32
+    guidance_scale: float = 1.0
+    shift: float = 1.0
+    data_std: float = 0.5
+    """GaussianFlowBackbone only: s0, the data standard deviation."""
+
+
+class _ToyBase(Backbone):
+    Options = ToyOptions
+
+    def load(self, ctx: LoadContext) -> None:
+        o = self.options
+        self.latent_shape = tuple(o.latent_shape)
+        self.default_guidance_scale, self.default_shift = o.guidance_scale, o.shift
+        self.device = ctx.device
+        self._in_reference = False
+        self._build(torch.Generator().manual_seed(ctx.seed))
+
+    def _build(self, gen: torch.Generator) -> None:
+        raise NotImplementedError
+
+    def encode_prompts(self, texts: Sequence[str]) -> Conditioning:
+        emb = torch.stack([prompt_embedding(t, self.options.embed_dim) for t in texts])
+        return Conditioning({"embedding": emb})
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        x = ((latents.detach().float().mean(1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return x.unsqueeze(-1).expand(*x.shape, 3).numpy()
+
+    @contextlib.contextmanager
+    def _reference_weights(self) -> Iterator[None]:
+        outer, self._in_reference = self._in_reference, True
+        try:
+            yield
+        finally:
+            self._in_reference = outer
+
+    def save_trainable(self, directory: Path) -> None:
+        torch.save([p.detach().clone() for p in self.trainable_parameters()], Path(directory) / "toy.pt")
+
+    def load_trainable(self, directory: Path) -> None:
+        with torch.no_grad():
+            for p, t in zip(self.trainable_parameters(), torch.load(Path(directory) / "toy.pt")):
+                p.copy_(t)
+
+
+class MlpBackbone(_ToyBase):
+    """v = MLP([x, sigma, prompt embedding]); the reference is a frozen copy made at load."""
+
+    name = "toy-mlp"
+
+    def _build(self, gen: torch.Generator) -> None:
+        o = self.options
+        d = int(np.prod(o.latent_shape))
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+        self.net = torch.nn.Sequential(torch.nn.Linear(d + 1 + o.embed_dim, o.hidden), torch.nn.Tanh(),
+                                       torch.nn.Linear(o.hidden, d))
+        self.frozen = copy.deepcopy(self.net).requires_grad_(False)
+
+    def _velocity(self, latents, sigmas, cond):
+        net = self.frozen if self._in_reference else self.net
+        inp = torch.cat([latents.flatten(1), sigmas[:, None], cond.tensors["embedding"]], dim=1)
+        return net(inp).view_as(latents)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.net.parameters())
+
+
+class GaussianFlowBackbone(_ToyBase):
+    """Exact velocity E[eps - x0 | x_t] for x0 ~ N(mu, s0^2 I), mu = embedding mean + offset."""
+
+    name = "toy-gaussian"
+
+    def _build(self, gen: torch.Generator) -> None:
+        self.offset = torch.nn.Parameter(torch.zeros(()))
+
+    def mu(self, cond: Conditioning) -> torch.Tensor:
+        offset = self.offset.detach() * 0 if self._in_reference else self.offset
+        return cond.tensors["embedding"].mean(1) + offset
+
+    def _velocity(self, latents, sigmas, cond):
+        s0 = self.options.data_std
+        shape = (-1,) + (1,) * (latents.ndim - 1)
+        t, mu = sigmas.view(shape), self.mu(cond).view(shape)
+        var_t = (1 - t) ** 2 * s0**2 + t**2
+        return -mu + (t - (1 - t) * s0**2) / var_t * (latents - (1 - t) * mu)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.offset]
+
+
+def load_toy(cls: type[_ToyBase], seed: int = 0, **options) -> _ToyBase:
+    bb = cls(options)
+    bb.load(LoadContext(device=torch.device("cpu"), seed=seed))
+    return bb
