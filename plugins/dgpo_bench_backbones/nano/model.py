@@ -46,7 +46,7 @@ class NanoConfig:
     joint_attention_dim: int = 128
     pooled_projection_dim: int = 128
     text_max_len: int = 56
-    text_layers: int = 2
+    text_layers: int = 1
     text_heads: int = 2
     text_ff_mult: int = 4
     # default inference settings (used by evaluation and by the engine as defaults)
