@@ -1,0 +1,36 @@
+"""The GPU benchmark script's CPU paths: the refusal without CUDA and a --tiny run."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_sd35m.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_sd35m", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_refuses_without_cuda(capsys):
+    assert load_script().main([]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "--tiny" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_tiny_run_counts_the_passes_each_objective_needs(tmp_path):
+    out = tmp_path / "figures.json"
+    assert load_script().main(["--tiny", "--groups", "2", "--rollout-images", "2", "--json", str(out)]) == 0
+    w = json.loads(out.read_text())["workloads"]
+    n, m, k = 2 * 2, 4, 9  # samples (2 prompts x G 2), DGPO timesteps, Flow-GRPO transitions
+    assert w["rollout"]["nfe"] == 2 * 10 * 2
+    assert w["dgpo G=2"]["nfe"] == {"policy": 2 * n * m, "reference": n * m, "ema": n * m}
+    assert w["flow-grpo G=2"]["nfe"] == {"policy": 2 * n * k, "reference": 2 * n * k, "ema": 0}
+    assert all(row["seconds"] > 0 and row["flops"] > 0 for row in w.values())
