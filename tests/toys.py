@@ -16,7 +16,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from dgpo_bench.contracts import Backbone, Conditioning, LoadContext, Options
+from dgpo_bench.context import EngineContext
+from dgpo_bench.contracts import (Backbone, Conditioning, LoadContext, Options, Prompt, RolloutBatch, Sampler,
+                                  SampleNoise)
 
 
 def prompt_embedding(text: str, dim: int) -> torch.Tensor:
@@ -88,8 +90,17 @@ class MlpBackbone(_ToyBase):
         self.net = torch.nn.Sequential(torch.nn.Linear(d + 1 + o.embed_dim, o.hidden), torch.nn.Tanh(),
                                        torch.nn.Linear(o.hidden, d))
         self.frozen = copy.deepcopy(self.net).requires_grad_(False)
+        self.seen_sigmas: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def perturb(self, scale: float, seed: int = 1) -> None:
+        """Move the trainable weights away from the reference (as after some training)."""
+        gen = torch.Generator().manual_seed(seed)
+        for p in self.net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
 
     def _velocity(self, latents, sigmas, cond):
+        self.seen_sigmas.append(sigmas.detach().clone())
         net = self.frozen if self._in_reference else self.net
         inp = torch.cat([latents.flatten(1), sigmas[:, None], cond.tensors["embedding"]], dim=1)
         return net(inp).view_as(latents)
@@ -125,3 +136,56 @@ def load_toy(cls: type[_ToyBase], seed: int = 0, **options) -> _ToyBase:
     bb = cls(options)
     bb.load(LoadContext(device=torch.device("cpu"), seed=seed))
     return bb
+
+
+class RecordingContext(EngineContext):
+    """The engine's context, keeping a copy of this process's gradients at each optimizer step."""
+
+    def optimizer_step(self) -> float:
+        self.grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        return super().optimizer_step()
+
+
+def make_context(bb: Backbone, sampler: Sampler, objective, group_size: int, num_groups: int, seed: int = 0,
+                 step: int = 0) -> RecordingContext:
+    from accelerate import Accelerator
+
+    ctx = RecordingContext(bb, sampler, Accelerator(cpu=True), objective.options, seed, group_size, num_groups)
+    ctx.step = step
+    objective.setup(ctx)
+    return ctx
+
+
+def rollout(bb: Backbone, sampler: Sampler, texts: Sequence[str], group_size: int, rewards: Sequence[float],
+            seed: int = 0, trajectory: bool = False) -> RolloutBatch:
+    """Groups of ``group_size`` samples per text, rolled out with ``sampler``, with the given rewards."""
+    prompts = [Prompt(t) for t in texts for _ in range(group_size)]
+    n = len(prompts)
+    cond = bb.encode_prompts([p.text for p in prompts])
+    noise = SampleNoise(range(seed * 10_000, seed * 10_000 + n)).randn(bb.latent_shape)
+    out = sampler.sample(bb, cond, noise, step_noise=SampleNoise(range(seed * 10_000 + n, seed * 10_000 + 2 * n)),
+                         trajectory=trajectory)
+    return RolloutBatch(prompts=prompts, cond=cond, noise=noise, latents=out.latents, sigmas=out.sigmas,
+                        group_ids=torch.arange(n) // group_size, rewards=torch.as_tensor(rewards, dtype=torch.float32),
+                        guidance_scale=sampler.guidance(bb), trajectory=out.trajectory, log_probs=out.log_probs)
+
+
+def batch_slice(batch: RolloutBatch, sl: slice) -> RolloutBatch:
+    """The samples ``sl`` of a batch (what one process holds)."""
+    def cut(t):
+        return None if t is None else t[sl]
+    return RolloutBatch(prompts=batch.prompts[sl], cond=batch.cond.select(sl), noise=batch.noise[sl],
+                        latents=batch.latents[sl], sigmas=batch.sigmas, group_ids=batch.group_ids[sl],
+                        rewards=batch.rewards[sl], guidance_scale=batch.guidance_scale,
+                        trajectory=cut(batch.trajectory), log_probs=cut(batch.log_probs))
+
+
+def plain_advantages(rewards: Sequence[float], group_size: int, global_std: bool, clip: float = 5.0) -> torch.Tensor:
+    """(r - group mean) / (population std + 1e-4), clamped, written group by group."""
+    r = np.asarray(rewards, dtype=np.float64)
+    out = np.empty_like(r)
+    for start in range(0, len(r), group_size):
+        g = r[start:start + group_size]
+        std = r.std() if global_std else g.std()
+        out[start:start + group_size] = (g - g.mean()) / (std + 1e-4)
+    return torch.as_tensor(np.clip(out, -clip, clip), dtype=torch.float32)

@@ -1,0 +1,1 @@
+"""First-party objectives: ``dgpo``, ``flow-grpo`` and ``diffusion-dpo``, with their presets."""

@@ -1,0 +1,27 @@
+"""Exponential moving averages of the trainable weights (DGPO's fast EMA)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+class WeightEma:
+    """``ema <- decay * ema + (1 - decay) * weights``, one fp32 tensor per trainable parameter."""
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self.tensors = [p.detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, params: Sequence[torch.Tensor], decay: float) -> None:
+        for e, p in zip(self.tensors, params, strict=True):
+            e.lerp_(p.detach().float(), 1.0 - decay)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [t.cpu() for t in self.tensors]
+
+    def load_state_dict(self, tensors: Sequence[torch.Tensor]) -> None:
+        if len(tensors) != len(self.tensors):
+            raise ValueError(f"EMA state has {len(tensors)} tensors, expected {len(self.tensors)}")
+        self.tensors = [t.to(e.device, torch.float32).clone() for t, e in zip(tensors, self.tensors)]

@@ -1,0 +1,78 @@
+"""Presets: the published settings of each objective (SD3.5-Medium) and nano-scale starting points.
+
+Published values follow ALGORITHMS.md and the authors' released configs: DGPO (LoRA r 64 /
+alpha 128, DPM-Solver++ 10 steps, CFG 4.5, shift 3, 8 groups per step), Flow-GRPO (LoRA r 32
+/ alpha 64, SDE 10 steps, noise 0.7, G 24; its released configs sample 48 groups per epoch
+and update twice, so 24 groups per optimizer step, with the global std on all three tasks),
+online Diffusion-DPO as DGPO's baseline (beta 100, lr 3e-4, LoRA, DGPO's rollouts). The
+nano presets start from NANO_NOTES.md (full fine-tuning, lr 1e-4, beta_dpo scaled up for
+pixel-space losses) and are meant to be swept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SD3_SAMPLING = {"steps": 10, "guidance_scale": 4.5, "shift": 3.0}
+OPTIMIZER = {"lr": 3e-4, "weight_decay": 1e-4, "grad_clip": 1.0}
+
+
+def _preset(objective: str, objective_options: dict[str, Any], sampler: str, sampler_options: dict[str, Any],
+            group_size: int, prompts_per_step: int, backbone_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "objective": {"name": objective, "options": objective_options},
+        "sampler": {"name": sampler, "options": sampler_options},
+        "group_size": group_size,
+        "prompts_per_step": prompts_per_step,
+    }
+    if backbone_options:
+        spec["backbone"] = {"options": backbone_options}
+    return spec
+
+
+def _dgpo(beta_dpo: float, beta_kl: float, clip: float, trunc: int, global_std: bool, switch: int,
+          group_size: int) -> dict[str, Any]:
+    opts = {**OPTIMIZER, "beta_dpo": beta_dpo, "beta_kl": beta_kl, "clip_range": clip, "trunc_steps": trunc,
+            "num_timesteps": 4, "global_std": global_std, "ema_rollout_after": switch}
+    return _preset("dgpo", opts, "dpm-solver", SD3_SAMPLING, group_size, 8, {"lora_rank": 64, "lora_alpha": 128})
+
+
+def _flow_grpo(beta_kl: float) -> dict[str, Any]:
+    opts = {**OPTIMIZER, "beta_kl": beta_kl, "clip_range": 1e-4, "timestep_fraction": 0.99, "global_std": True}
+    return _preset("flow-grpo", opts, "flow-sde", {**SD3_SAMPLING, "noise_level": 0.7}, 24, 24,
+                   {"lora_rank": 32, "lora_alpha": 64})
+
+
+def _dpo() -> dict[str, Any]:
+    return _preset("diffusion-dpo", {**OPTIMIZER, "beta_dpo": 100.0}, "dpm-solver", SD3_SAMPLING, 16, 8,
+                   {"lora_rank": 64, "lora_alpha": 128})
+
+
+PUBLISHED: dict[str, tuple[dict[str, Any], str]] = {
+    "dgpo-ocr": (_dgpo(100.0, 0.02, 1e-2, 6, True, 200, 16), "DGPO on OCR as released (SD3.5-M, LoRA 64)"),
+    "dgpo-geneval": (_dgpo(100.0, 0.02, 1e-2, 4, False, 500, 16),
+                     "DGPO on GenEval as released (trunc_steps 4, per-group std, EMA rollouts after 500)"),
+    "dgpo-pickscore": (_dgpo(10.0, 0.001, 5e-2, 6, True, 200, 24), "DGPO on PickScore (beta_dpo 10, G 24)"),
+    "flow-grpo-ocr": (_flow_grpo(0.04), "Flow-GRPO on OCR as released (SD3.5-M, LoRA 32, G 24)"),
+    "flow-grpo-geneval": (_flow_grpo(0.04), "Flow-GRPO on GenEval as released (beta 0.04, G 24)"),
+    "flow-grpo-pickscore": (_flow_grpo(0.01), "Flow-GRPO on PickScore as released (beta 0.01, G 24)"),
+    "diffusion-dpo-ocr": (_dpo(), "online Diffusion-DPO baseline on OCR (beta 100, lr 3e-4, LoRA)"),
+    "diffusion-dpo-geneval": (_dpo(), "online Diffusion-DPO baseline on GenEval (beta 100, lr 3e-4, LoRA)"),
+    "diffusion-dpo-pickscore": (_dpo(), "online Diffusion-DPO baseline on PickScore (beta 100, lr 3e-4, LoRA)"),
+}
+
+NANO_OPTIMIZER = {"lr": 1e-4, "weight_decay": 0.0, "grad_clip": 1.0}
+NANO: dict[str, tuple[dict[str, Any], str]] = {
+    "dgpo-nano": (
+        _preset("dgpo", {**NANO_OPTIMIZER, "beta_dpo": 1000.0, "beta_kl": 0.02, "clip_range": 1e-2,
+                         "trunc_steps": 6, "num_timesteps": 4, "global_std": True, "ema_rollout_after": 50},
+                "dpm-solver", {"steps": 10}, 16, 8),
+        "DGPO on the nano backbone (full fine-tuning; beta_dpo for pixel-space losses)"),
+    "flow-grpo-nano": (
+        _preset("flow-grpo", {**NANO_OPTIMIZER, "beta_kl": 0.04, "clip_range": 1e-4, "global_std": True},
+                "flow-sde", {"steps": 10, "noise_level": 0.7}, 16, 8),
+        "Flow-GRPO on the nano backbone (full fine-tuning, SDE 10 steps)"),
+    "diffusion-dpo-nano": (
+        _preset("diffusion-dpo", {**NANO_OPTIMIZER, "beta_dpo": 1000.0}, "dpm-solver", {"steps": 10}, 16, 8),
+        "online Diffusion-DPO on the nano backbone (full fine-tuning)"),
+}
