@@ -224,3 +224,8 @@ def test_lora_init_depends_only_on_the_run_seed(weights):
 
     a, b, c = init(0), init(0), init(1)
     assert torch.equal(a, b) and not torch.equal(a, c) and a.abs().sum() > 0
+
+
+def test_auto_world_without_shipped_weights_is_explained():
+    with pytest.raises(MissingWeightsError, match="ships weights for the worlds text and shapes, not 'geneval'"):
+        NanoBackbone().load(LoadContext(device=torch.device("cpu"), world="geneval"))

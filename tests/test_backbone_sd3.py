@@ -17,6 +17,7 @@ from dgpo_bench_backbones import plugin
 from dgpo_bench_backbones.checkpoints import CorruptWeightsError
 from dgpo_bench_backbones.sd3 import SD3Backbone
 from dgpo_bench_backbones.tiny_sd3 import build_tiny_sd3
+from dgpo_bench_samplers.ode import OdeEuler
 
 CPU = LoadContext(device=torch.device("cpu"))
 PROMPTS = ['a sign that says "cat"', "a red cube"]
@@ -81,12 +82,15 @@ def test_cfg_sampling_and_decode_match_the_diffusers_pipeline(folder):
         theirs = pipe(PROMPTS, latents=x0, num_inference_steps=3, guidance_scale=4.5, max_sequence_length=128,
                       height=32, width=32, output_type="latent").images
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+        # the project's ode-euler sampler with the backbone's defaults (CFG 4.5, shift 3 from the folder)
+        sampled = OdeEuler({"steps": 3}).sample(bb, bb.encode_prompts(PROMPTS), x0).latents
+        torch.testing.assert_close(sampled, theirs, rtol=1e-4, atol=1e-4)
         pixels = pipe.vae.decode(theirs / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor)[0]
     expected = ((pixels.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
     images = bb.decode(ours)
     assert images.shape == (2, 32, 32, 3) and images.dtype.name == "uint8"
     assert abs(images.astype(int) - expected.astype(int)).max() <= 1
-    assert bb.meter.nfe["policy"] == 3 * 2 * 2
+    assert bb.meter.nfe["policy"] == 2 * (3 * 2 * 2)
 
 
 def train_step(bb, steps=1, lr=1e-2):

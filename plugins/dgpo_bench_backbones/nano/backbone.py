@@ -9,9 +9,12 @@ import numpy as np
 import torch
 
 from dgpo_bench.contracts import LoadContext
+from dgpo_bench.errors import MissingWeightsError
 
 from ..checkpoints import corrupt, require_files
 from ..transformer import DTYPES, TransformerBackbone, TransformerOptions, pixels_to_uint8
+
+WORLDS = ("text", "shapes")
 
 
 class NanoOptions(TransformerOptions):
@@ -32,10 +35,16 @@ class NanoBackbone(TransformerBackbone):
 
         opts = self.options
         world = opts.world if opts.world != "auto" else (ctx.world or "text")
+        if opts.weights is None and world not in WORLDS:
+            raise MissingWeightsError(
+                f"The nano backbone ships weights for the worlds {' and '.join(WORLDS)}, not '{world}'; "
+                "set the option world or weights=<folder> with a nano checkpoint."
+            )
         path = Path(opts.weights) if opts.weights is not None else default_weights_dir(world)
-        fix = ("pass weights=<folder> with a nano checkpoint, or pretrain one with "
-               f"'python -m dgpo_bench_backbones.nano.pretrain --world {world}'")
-        require_files(path, ["config.json", "model.safetensors"], f"nano '{world}' checkpoint", fix)
+        fix = ("pass weights=<folder> with a nano checkpoint (config.json + model.safetensors), "
+               "or reinstall dgpo-bench, whose package ships them")
+        what = "nano checkpoint" if opts.weights is not None else f"shipped nano '{world}' checkpoint"
+        require_files(path, ["config.json", "model.safetensors"], what, fix)
         try:
             model = load_nano(path, device=ctx.device, dtype=DTYPES[opts.dtype])
         except Exception as exc:  # bad JSON, damaged safetensors, or tensors that do not fit the config
