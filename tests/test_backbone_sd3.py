@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from dgpo_bench.context import EngineContext
-from dgpo_bench.contracts import LoadContext, OptimizerOptions
+from dgpo_bench.contracts import LoadContext, Prompt, RolloutBatch
 from dgpo_bench.errors import InvalidOptionsError, MissingWeightsError
 from dgpo_bench.plugins import get_plugin_manager, load_components
 from dgpo_bench_backbones import plugin
 from dgpo_bench_backbones.checkpoints import CorruptWeightsError
 from dgpo_bench_backbones.sd3 import SD3Backbone
 from dgpo_bench_backbones.tiny_sd3 import build_tiny_sd3
+from dgpo_bench_objectives.dgpo import Dgpo
 from dgpo_bench_samplers.ode import OdeEuler
 
 CPU = LoadContext(device=torch.device("cpu"))
@@ -93,29 +94,33 @@ def test_cfg_sampling_and_decode_match_the_diffusers_pipeline(folder):
     assert bb.meter.nfe["policy"] == 2 * (3 * 2 * 2)
 
 
-def train_step(bb, steps=1, lr=1e-2):
-    """Velocity-MSE flow matching through the contract and the engine's optimizer step."""
+def dgpo_step(bb, lr=1e-2):
+    """One real DGPO step (rollouts of 2 prompts x 2 with ode-euler, fixed rewards) through the engine context."""
     from accelerate import Accelerator
 
-    ctx = EngineContext(bb, None, Accelerator(cpu=True), OptimizerOptions(lr=lr), seed=0, group_size=2,
-                        num_groups=1)
-    cond = bb.encode_prompts(PROMPTS)
-    x0 = noise(seed=5)
-    for _ in range(steps):
-        eps, s = torch.randn_like(x0), torch.tensor([0.3, 0.8])
-        xt = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
-        ctx.backward((bb.velocity(xt, s, cond) - (eps - x0)).square().mean())
-        ctx.optimizer_step()
+    sampler = OdeEuler({"steps": 7})
+    objective = Dgpo({"lr": lr, "micro_batch_size": 2})
+    ctx = EngineContext(bb, sampler, Accelerator(cpu=True), objective.options, seed=0, group_size=2, num_groups=2)
+    objective.setup(ctx)
+    prompts = [Prompt(t) for t in PROMPTS for _ in range(2)]
+    cond = bb.encode_prompts([p.text for p in prompts])
+    x_T = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    out = sampler.sample(bb, cond, x_T)
+    batch = RolloutBatch(prompts=prompts, cond=cond, noise=x_T, latents=out.latents, sigmas=out.sigmas,
+                         group_ids=torch.tensor([0, 0, 1, 1]), rewards=torch.tensor([0.2, 0.9, 0.5, 0.1]),
+                         guidance_scale=sampler.guidance(bb))
+    return objective.train_step(batch, ctx)
 
 
-def test_training_step_changes_lora_and_reference_stays_base(folder):
+def test_dgpo_step_changes_lora_and_reference_stays_base(folder):
     bb = load(folder)
     cond = bb.encode_prompts(PROMPTS)
     x, s = noise(seed=7), torch.tensor([0.5, 0.9])
     with torch.no_grad():
         base = bb.velocity(x, s, cond)
     before = [p.detach().clone() for p in bb.trainable_parameters()]
-    train_step(bb)
+    step = dgpo_step(bb)
+    assert all(torch.isfinite(torch.tensor(v)) for v in step.metrics.values()) and step.metrics["grad_norm"] > 0
     changed = [not torch.equal(a, p) for a, p in zip(before, bb.trainable_parameters())]
     assert sum(changed) == len(changed) - 1  # all but the last block's unused context query (grad 0)
     assert all(p.dtype == torch.float32 for p in bb.trainable_parameters())
@@ -123,7 +128,9 @@ def test_training_step_changes_lora_and_reference_stays_base(folder):
         assert (bb.velocity(x, s, cond) - base).abs().max() > 1e-4
         with bb.reference():
             torch.testing.assert_close(bb.velocity(x, s, cond), base, rtol=0, atol=0)
-    assert bb.meter.optimizer_steps == 1 and dict(bb.meter.nfe) == {"policy": 6, "reference": 2}
+    # rollout 4 x 7 CFG steps; DGPO: 4 timesteps x 4 samples of reference, fast EMA, no-grad and grad policy
+    assert dict(bb.meter.nfe) == {"policy": 2 + 4 * 7 * 2 + 2 * 16 + 2, "reference": 16 + 2, "ema": 16}
+    assert bb.meter.optimizer_steps == 1
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(folder):
@@ -140,7 +147,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(folder):
 
 def test_exported_lora_loads_into_a_plain_pipeline_and_changes_it(folder, tmp_path):
     bb = load(folder)
-    train_step(bb, steps=2)
+    dgpo_step(bb)
     bb.save_trainable(tmp_path / "lora")
     x, s = noise(seed=11), torch.tensor([0.6, 0.6])
     cond = bb.encode_prompts(PROMPTS)
