@@ -229,3 +229,12 @@ def test_lora_init_depends_only_on_the_run_seed(weights):
 def test_auto_world_without_shipped_weights_is_explained():
     with pytest.raises(MissingWeightsError, match="ships weights for the worlds text and shapes, not 'geneval'"):
         NanoBackbone().load(LoadContext(device=torch.device("cpu"), world="geneval"))
+
+
+def test_backbone_classes_pass_the_contract_checks():
+    from dgpo_bench.testing import check_component_class, check_light_import
+    from dgpo_bench_backbones.sd3 import SD3Backbone
+
+    for cls in (NanoBackbone, SD3Backbone):
+        check_component_class(cls)
+    check_light_import(NanoBackbone, SD3Backbone)
