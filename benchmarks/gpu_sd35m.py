@@ -43,7 +43,7 @@ SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=1
 TINY = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
             pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0))
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0))
 """Dense bf16 tensor-core peaks by device name (first match wins)."""
 VAE_FACTOR, SHIFT, GUIDANCE, ROLLOUT_STEPS = 8, 3.0, 4.5, 10
 DGPO = dict(beta_dpo=100.0, beta_kl=0.02, clip=1e-2, timesteps=4, trunc_steps=6)
@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
            nfe=bb.meter.nfe["policy"] - nfe0.get("policy", 0))
 
     ema = [p.detach().clone() for p in bb.trainable_parameters()]
+    accelerator = _accelerator(device)
     step_seconds = {}
     for G in args.groups:
         n = args.prompts * G
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         x0 = torch.randn(n, C, H, W, generator=gen).to(device)
         rewards = torch.rand(n, generator=gen).to(device)
         adv = ((rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-4)).clamp(-5, 5)
-        ctx = EngineContext(bb, None, _accelerator(device), OptimizerOptions(lr=3e-4, weight_decay=1e-4),
+        ctx = EngineContext(bb, None, accelerator, OptimizerOptions(lr=3e-4, weight_decay=1e-4),
                             seed=0, group_size=G, num_groups=args.prompts)
         dgpo_flops = n * DGPO["timesteps"] * (3 * fwd + fwd_bwd)
         if affordable(f"dgpo G={G}", dgpo_flops):
