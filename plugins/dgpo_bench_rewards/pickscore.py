@@ -49,13 +49,18 @@ class PickScoreReward(Reward):
         return self.raw_scores(images, prompts)
 
 
-def group_ranks(values: np.ndarray) -> np.ndarray:
-    """Rank of each value within the group scaled to [0, 1] (lowest 0, highest 1; ties share the mean rank)."""
+def group_ranks(values: np.ndarray, tie: float = 1e-4) -> np.ndarray:
+    """Rank of each value within the group scaled to [0, 1] (lowest 0, highest 1).
+
+    Values closer than ``tie`` are equal (the same image scored twice differs by float
+    rounding in a batch) and share their mean rank.
+    """
     n = len(values)
     if n == 1:
         return np.full(1, 0.5)
-    less = (values[None, :] < values[:, None]).sum(1)
-    equal = (values[None, :] == values[:, None]).sum(1)
+    diff = values[None, :] - values[:, None]  # diff[i, j] = v_j - v_i
+    less = (diff < -tie).sum(1)
+    equal = (np.abs(diff) <= tie).sum(1)
     return (less + (equal - 1) / 2) / (n - 1)
 
 

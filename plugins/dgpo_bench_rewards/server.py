@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -104,12 +106,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def build_reward(name: str, options: dict[str, Any], device: str | None = None) -> Reward:
-    """Instantiate and load the installed reward ``name``."""
+    """Instantiate and load the installed reward ``name`` (plugins as the CLI finds them)."""
     import torch
 
     from dgpo_bench.plugins import get_plugin_manager, load_components
 
-    cls = load_components(get_plugin_manager()).rewards.get(name)
+    dirs = [Path(p) for p in os.environ.get("DGPO_BENCH_PLUGINS_DIR", "").split(os.pathsep) if p]
+    cls = load_components(get_plugin_manager(plugins_dirs=dirs)).rewards.get(name)
     reward = cls(options)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     reward.load(LoadContext(device=dev))
