@@ -24,7 +24,6 @@ def test_refuses_without_cuda(capsys):
     assert "needs a CUDA GPU" in err and "--tiny" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.slow
 def test_tiny_run_counts_the_passes_each_objective_needs(tmp_path):
     out = tmp_path / "figures.json"
     assert load_script().main(["--tiny", "--groups", "2", "--rollout-images", "2", "--json", str(out)]) == 0
