@@ -10,6 +10,14 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_sd35m.py"
 
 
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """--tiny sets one torch thread for the process; give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def load_script():
     spec = importlib.util.spec_from_file_location("gpu_sd35m", SCRIPT)
     module = importlib.util.module_from_spec(spec)
