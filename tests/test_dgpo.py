@@ -170,12 +170,15 @@ def test_fast_ema_update_and_rollout_switch():
     assert all(torch.equal(a, b) for a, b in zip(restored.fast_ema.tensors, obj.fast_ema.tensors))
 
 
-def test_options_refuse_an_impossible_timestep_pool():
+def test_timestep_pool_options_and_short_grids():
     with pytest.raises(InvalidOptionsError, match="num_timesteps"):
         Dgpo({"num_timesteps": 5, "trunc_steps": 2})
     bb = load_toy(MlpBackbone)
-    with pytest.raises(InvalidOptionsError, match="trunc_steps"):
-        make_context(bb, DpmSolver({"steps": 4}), Dgpo({"trunc_steps": 6}), G, 3)
+    obj = Dgpo({"trunc_steps": 6, "num_timesteps": 4})
+    ctx = make_context(bb, DpmSolver({"steps": 3}), obj, G, 3)
+    sigmas = DpmSolver({"steps": 3}).sample(bb, bb.encode_prompts(["a"]), torch.randn(1, 2, 4, 4)).sigmas
+    drawn = obj.draw_timesteps(ctx, sigmas)  # a 3-step grid offers 3 points, never the final sigma 0
+    assert sorted(drawn.tolist()) == sorted(sigmas[:3].tolist())
 
 
 # --------------------------------------------------------------------------- two processes

@@ -47,7 +47,7 @@ def test_train_step_matches_hand_computation(sampling):
     sampler = OdeEuler({"steps": 4})
     batch = rollout(bb, sampler, TEXTS, G, REWARDS)
     bb.perturb(0.2)
-    obj = DiffusionDpo({"beta_dpo": beta, "grad_clip": 0.0, "timestep_sampling": sampling, "micro_batch_size": 1})
+    obj = DiffusionDpo({"beta": beta, "grad_clip": 0.0, "timestep_sampling": sampling, "micro_batch_size": 1})
     ctx = make_context(bb, sampler, obj, G, 3)
     params = bb.trainable_parameters()
     sigmas, noise = obj.pair_sigmas(ctx), obj.pair_noise(ctx, batch.latents.shape[1:])

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from dgpo_bench.contracts import Objective, OptimizerOptions, RolloutBatch, StepOutput, TrainContext
-from dgpo_bench.errors import InvalidOptionsError
 
 from .advantages import local_advantages
 from .ema import WeightEma
@@ -41,7 +40,7 @@ class DgpoOptions(OptimizerOptions):
     num_timesteps: int = Field(4, ge=1)
     """M: timesteps trained per step, shared by every sample."""
     trunc_steps: int = Field(6, ge=0)
-    """Timesteps come from the first trunc_steps + 1 points of the rollout grid."""
+    """Timesteps come from the first trunc_steps + 1 points of the rollout grid (fewer on a shorter grid)."""
     timestep_sampling: Literal["grid", "uniform"] = "grid"
     """'grid': M distinct grid points (released); 'uniform': sigma ~ U[grid[trunc_steps], grid[0]] (paper)."""
     global_std: bool = True
@@ -57,7 +56,8 @@ class DgpoOptions(OptimizerOptions):
     fast_ema_decay_rate: float = Field(0.001, ge=0)
     """Fast-EMA decay at step k is min(fast_ema_max_decay, fast_ema_decay_rate * k)."""
     loss_form: Literal["released", "paper"] = "released"
-    """'released': mean_i(w_g A_i L_i); 'paper': mean_g(-log sigmoid(-s_g)) (same gradient direction)."""
+    """'released': mean_i(w_g A_i L_i); 'paper': mean_g(-log sigmoid(-s_g)), whose preference gradient
+    is beta_dpo times the released one's (same direction, different balance with the KL)."""
     micro_batch_size: int | None = Field(None, ge=1)
     """Samples per forward/backward pass (None: all local samples at once)."""
 
@@ -83,13 +83,6 @@ class Dgpo(Objective):
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, ctx: TrainContext) -> None:
-        o = self.options
-        steps = getattr(ctx.sampler.options, "steps", None)
-        if steps is not None and o.trunc_steps + 1 > steps:
-            raise InvalidOptionsError(
-                f"dgpo trunc_steps={o.trunc_steps} needs a rollout grid of at least {o.trunc_steps + 1} "
-                f"steps, but the sampler takes {steps}; lower trunc_steps or raise the sampler's steps."
-            )
         self.fast_ema = WeightEma(ctx.backbone.trainable_parameters())
 
     def rollout_weights(self, ctx: TrainContext) -> contextlib.AbstractContextManager:
@@ -108,7 +101,7 @@ class Dgpo(Objective):
     def draw_timesteps(self, ctx: TrainContext, sigmas: torch.Tensor) -> torch.Tensor:
         """The M sigmas trained this step (identical on every process)."""
         o = self.options
-        pool = sigmas[: o.trunc_steps + 1].float()
+        pool = sigmas[: min(o.trunc_steps + 1, len(sigmas) - 1)].float()  # never the final sigma 0
         gen = ctx.rng("dgpo-timesteps")
         if o.timestep_sampling == "grid":
             return pool[torch.randperm(len(pool), generator=gen)[: o.num_timesteps]]

@@ -21,7 +21,7 @@ from .training import micro_batches, velocity_mse
 
 class DiffusionDpoOptions(OptimizerOptions):
     lr: float = 3e-4
-    beta_dpo: float = Field(100.0, gt=0)
+    beta: float = Field(100.0, gt=0)
     """beta in the 1/2 form; values do not transfer between epsilon and velocity targets."""
     timestep_sampling: Literal["uniform", "logit-normal"] = "uniform"
     logit_mean: float = 0.0
@@ -108,7 +108,7 @@ class DiffusionDpo(Objective):
             L_w, L_l = velocity_mse(bb.velocity(x_t, s, pair_cond), target).chunk(2)
             with torch.no_grad(), bb.reference():
                 L_w_ref, L_l_ref = velocity_mse(bb.velocity(x_t, s, pair_cond), target).chunk(2)
-            loss, inside = dpo_loss(L_w, L_l, L_w_ref, L_l_ref, o.beta_dpo)
+            loss, inside = dpo_loss(L_w, L_l, L_w_ref, L_l_ref, o.beta)
             ctx.backward((loss * ok).sum() * scale)
             margin = (rewards[w_idx] - rewards[l_idx]).to(device)
             sums += torch.stack([(loss.detach() * ok).sum(), ((inside.detach() > 0).float() * ok).sum(),

@@ -32,7 +32,8 @@ class FlowGrpoOptions(OptimizerOptions):
     global_std: bool = True
     adv_clip: float = Field(5.0, gt=0)
     micro_batch_size: int | None = Field(None, ge=1)
-    """Samples per forward/backward pass (None: all local samples at once)."""
+    """Samples per forward/backward pass (None: all local samples at once). Matching the engine's
+    rollout batch keeps the on-policy ratio bit-exactly 1; other sizes may differ by rounding."""
 
 
 class FlowGrpo(Objective):

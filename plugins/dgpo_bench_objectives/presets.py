@@ -44,7 +44,7 @@ def _flow_grpo(beta_kl: float) -> dict[str, Any]:
 
 
 def _dpo() -> dict[str, Any]:
-    return _preset("diffusion-dpo", {**OPTIMIZER, "beta_dpo": 100.0}, "dpm-solver", SD3_SAMPLING, 16, 8,
+    return _preset("diffusion-dpo", {**OPTIMIZER, "beta": 100.0}, "dpm-solver", SD3_SAMPLING, 16, 8,
                    {"lora_rank": 64, "lora_alpha": 128})
 
 
@@ -73,6 +73,6 @@ NANO: dict[str, tuple[dict[str, Any], str]] = {
                 "flow-sde", {"steps": 10, "noise_level": 0.7}, 16, 8),
         "Flow-GRPO on the nano backbone (full fine-tuning, SDE 10 steps)"),
     "diffusion-dpo-nano": (
-        _preset("diffusion-dpo", {**NANO_OPTIMIZER, "beta_dpo": 1000.0}, "dpm-solver", {"steps": 10}, 16, 8),
+        _preset("diffusion-dpo", {**NANO_OPTIMIZER, "beta": 1000.0}, "dpm-solver", {"steps": 10}, 16, 8),
         "online Diffusion-DPO on the nano backbone (full fine-tuning)"),
 }
