@@ -33,6 +33,9 @@ settings ``group_size``, ``prompts_per_step``, ``rollout_batch_size``,
 defaults < preset < [base] < entry; after resolution, the settings a suite holds fixed
 must come out identical in every cell (a preset cannot sneak in a different budget or
 evaluation protocol), or loading the suite fails and says which entry differs where.
+A top-level ``allow_differences = ["backbone.options.lora_rank"]`` exempts named paths
+under backbone, rewards or prompts (e.g. each method's published LoRA rank); budget and
+evaluation protocol are always equal.
 """
 
 from __future__ import annotations
@@ -55,9 +58,11 @@ from .spec import deep_merge, load_file
 
 FIXED = ("backbone", "rewards", "eval", "budget", "prompts")
 """Resolved settings every cell of a suite must share."""
+MAY_DIFFER = ("backbone", "rewards", "prompts")
+"""Fixed settings a suite may exempt, path by path, with ``allow_differences``."""
 ENTRY_KEYS = {"name", "description", "objective", "sampler", "preset", "options", "group_size",
               "prompts_per_step", "rollout_batch_size", "checkpoint_every", "log_samples"}
-SUITE_KEYS = {"name", "description", "seeds", "base", "entry"}
+SUITE_KEYS = {"name", "description", "seeds", "base", "entry", "allow_differences"}
 BUDGET_KEYS = ("steps", "seconds", "images", "reward_calls")
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -93,6 +98,8 @@ class Suite:
     seeds: list[int]
     base: dict[str, Any]
     entries: list[Entry]
+    allow_differences: list[str] = field(default_factory=list)
+    """Dotted paths of fixed settings that cells may resolve differently (e.g. a preset's LoRA rank)."""
     overrides: list[str] = field(default_factory=list)
     """``-o COMPONENT.KEY=VALUE`` applied to every cell (e.g. a local weights path)."""
 
@@ -110,39 +117,34 @@ class Suite:
                 except DgpoBenchError as exc:
                     raise SpecError(f"{source}: {exc}") from exc
                 cells.append(Cell(entry.name, seed, resolved))
-        _check_equal(cells, self.path)
+        _check_equal(cells, self.path, self.allow_differences)
         return cells
 
 
-def _first_difference(a: Any, b: Any, where: str) -> tuple[str, Any, Any] | None:
+def _differences(a: Any, b: Any, where: str) -> list[tuple[str, Any, Any]]:
+    """Dotted paths at which two resolved settings differ, with both values."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            diff = _first_difference(a.get(key), b.get(key), f"{where}.{key}")
-            if diff:
-                return diff
-        return None
+        return [d for key in list(a) + [k for k in b if k not in a]
+                for d in _differences(a.get(key), b.get(key), f"{where}.{key}")]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
-            diff = _first_difference(x, y, f"{where}[{i}]")
-            if diff:
-                return diff
-        return None
-    return None if a == b else (where, a, b)
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{where}[{i}]")]
+    return [] if a == b else [(where, a, b)]
 
 
-def _check_equal(cells: list[Cell], path: Path) -> None:
+def _check_equal(cells: list[Cell], path: Path, allowed: list[str]) -> None:
     first = cells[0]
     ref = first.resolved.resolved_dict()
     for cell in cells[1:]:
         mine = cell.resolved.resolved_dict()
         for key in FIXED:
-            diff = _first_difference(ref.get(key), mine.get(key), key)
-            if diff:
-                where, a, b = diff
+            diffs = [d for d in _differences(ref.get(key), mine.get(key), key)
+                     if not any(d[0] == a or d[0].startswith((a + ".", a + "[")) for a in allowed)]
+            if diffs:
+                where, a, b = diffs[0]
                 raise SpecError(
                     f"Suite {path}: entries '{first.entry}' and '{cell.entry}' resolve to different {where} "
                     f"({json.dumps(a)} vs {json.dumps(b)}), which every cell must share; set it in [base] "
-                    "(a preset or an entry's options changed it).")
+                    "(a preset or an entry's options changed it), or list it in allow_differences.")
 
 
 def is_suite(path: Path) -> bool:
@@ -228,7 +230,12 @@ def load_suite(path: Path, overrides: list[str] = ()) -> Suite:
     dupes = sorted({e.name for e in entries if [x.name for x in entries].count(e.name) > 1})
     if dupes:
         raise SpecError(f"Suite {path}: entry name '{dupes[0]}' is used twice; give each entry its own name.")
-    return Suite(name, path, data.get("description", ""), seeds, base, entries, list(overrides))
+    allowed = data.get("allow_differences", [])
+    if not isinstance(allowed, list) or not all(isinstance(a, str) and re.split(r"[.\[]", a)[0] in MAY_DIFFER
+                                                for a in allowed):
+        raise SpecError(f"Suite {path}: allow_differences must list dotted paths under {', '.join(MAY_DIFFER)} "
+                        "(budget and eval are always equal), e.g. [\"backbone.options.lora_rank\"].")
+    return Suite(name, path, data.get("description", ""), seeds, base, entries, allowed, list(overrides))
 
 
 # --------------------------------------------------------------------------- running
