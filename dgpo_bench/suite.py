@@ -308,55 +308,24 @@ def run_suite(suite: Suite, comps: Components, out_dir: Path, *, only: list[str]
                             f"like '{suite.entries[0].name}/seed{suite.seeds[0]}'.")
     budget = _budget_text(cells[0].resolved.spec.budget.model_dump())
     if dry_run:
-        rows = [(c.name, c.resolved.spec.objective.name, c.resolved.spec.sampler.name,
-                 c.resolved.spec.preset or "", str(c.run_dir(out_dir)), _status(c.run_dir(out_dir))) for c in cells]
-        _print_cells(console, f"suite '{suite.name}': {len(cells)} cells, budget {budget} each", rows,
-                     ("cell", "objective", "sampler", "preset", "run directory", "status"))
+        rows = [(c.name, c.resolved.spec.objective.name, c.resolved.spec.sampler.name, c.resolved.spec.preset or "",
+                 str(c.resolved.spec.images_per_step), _status(c.run_dir(out_dir))) for c in cells]
+        _print_cells(console, f"suite '{suite.name}' in {out_dir}: {len(cells)} cells, budget {budget} each", rows,
+                     ("cell", "objective", "sampler", "preset", "images/step", "status"))
         return SuiteReport(suite.name, out_dir, [CellReport(c.name, c.run_dir(out_dir), _status(c.run_dir(out_dir)))
                                                  for c in cells])
 
     from accelerate import PartialState
 
-    from .engine import Engine
-
     main = PartialState().is_main_process
-    if main:
+    if not main:  # every process runs every cell; one of them reports
+        console = Console(quiet=True)
+    else:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(out_dir / "suite.toml", suite.path.read_bytes())
     reports: list[CellReport] = []
     for i, cell in enumerate(cells, 1):
-        run_dir = cell.run_dir(out_dir)
-        status = _status(run_dir)
-        head = f"[{i}/{len(cells)}] {cell.name}"
-        if status == "finished":
-            if _same_spec(cell, run_dir):
-                console.print(f"{head}: finished earlier, skipped")
-                reports.append(CellReport(cell.name, run_dir, "finished"))
-            else:
-                msg = (f"{run_dir} finished with a different spec than the suite now gives; restore the suite or "
-                       "delete that directory to rerun the cell")
-                console.print(f"[red]{head}: {msg}[/]")
-                reports.append(CellReport(cell.name, run_dir, "failed", error=msg))
-            continue
-        console.print(f"[bold]{head}[/]: {cell.resolved.spec.objective.name} with {cell.resolved.spec.sampler.name}, "
-                      f"{budget}{' (resuming)' if status == 'will resume' else ''}")
-        t0 = time.perf_counter()
-        try:
-            Engine(cell.resolved, run_dir, plugin_versions=comps.versions).run()
-            reports.append(CellReport(cell.name, run_dir, "resumed" if status == "will resume" else "ran",
-                                      time.perf_counter() - t0))
-            if main:
-                (run_dir / "error.log").unlink(missing_ok=True)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:
-            msg = str(exc) if isinstance(exc, DgpoBenchError) else f"{type(exc).__name__}: {exc}"
-            console.print(f"[red]{head} failed:[/] {msg}", highlight=False)
-            if main:
-                write_atomic(run_dir / "error.log", traceback.format_exc().encode())
-            reports.append(CellReport(cell.name, run_dir, "failed", time.perf_counter() - t0, msg))
-        finally:
-            _release_memory()
+        reports.append(_run_cell(cell, out_dir, comps, f"[{i}/{len(cells)}] {cell.name}", budget, console, main))
         if main:
             _write_status(out_dir, suite, reports)
     report = SuiteReport(suite.name, out_dir, reports)
@@ -365,6 +334,42 @@ def run_suite(suite: Suite, comps: Components, out_dir: Path, *, only: list[str]
     if not report.failed:
         console.print(f"compare with: dgpo-bench compare {out_dir}")
     return report
+
+
+def _run_cell(cell: Cell, out_dir: Path, comps: Components, head: str, budget: str, console,
+              main: bool) -> CellReport:
+    """Skip a finished cell (if its spec still matches), else run or resume it; never raise
+    for a cell's own failure."""
+    from .engine import Engine
+
+    run_dir = cell.run_dir(out_dir)
+    status = _status(run_dir)
+    if status == "finished":
+        if _same_spec(cell, run_dir):
+            console.print(f"{head}: finished earlier, skipped")
+            return CellReport(cell.name, run_dir, "finished")
+        msg = (f"{run_dir} finished with a different spec than the suite now gives; restore the suite or "
+               "delete that directory to rerun the cell")
+        console.print(f"[red]{head}: {msg}[/]")
+        return CellReport(cell.name, run_dir, "failed", error=msg)
+    spec = cell.resolved.spec
+    console.print(f"[bold]{head}[/]: {spec.objective.name} with {spec.sampler.name}, {budget}"
+                  f"{' (resuming)' if status == 'will resume' else ''}")
+    t0 = time.perf_counter()
+    try:
+        Engine(cell.resolved, run_dir, plugin_versions=comps.versions).run()
+        if main:
+            (run_dir / "error.log").unlink(missing_ok=True)
+        return CellReport(cell.name, run_dir, "resumed" if status == "will resume" else "ran",
+                          time.perf_counter() - t0)
+    except Exception as exc:  # KeyboardInterrupt is not an Exception: it stops the suite
+        msg = str(exc) if isinstance(exc, DgpoBenchError) else f"{type(exc).__name__}: {exc}"
+        console.print(f"[red]{head} failed:[/] {msg}", highlight=False)
+        if main:
+            write_atomic(run_dir / "error.log", traceback.format_exc().encode())
+        return CellReport(cell.name, run_dir, "failed", time.perf_counter() - t0, msg)
+    finally:
+        _release_memory()
 
 
 def _write_status(out_dir: Path, suite: Suite, reports: list[CellReport]) -> None:

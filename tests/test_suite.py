@@ -155,6 +155,31 @@ def test_allow_differences_exempts_named_paths_only(tmp_path, components):
         load_suite(write(tmp_path, 'allow_differences = ["eval.every"]\n' + text))
 
 
+SHIPPED = sorted((ROOT / "benchmarks").glob("*.toml"))
+
+
+def test_the_shipped_suites_are_all_there():
+    assert [p.name for p in SHIPPED] == ["compositional-nano.toml", "geneval-sd35m.toml", "ocr-nano.toml",
+                                         "ocr-sd35m.toml", "pickscore-sd35m.toml"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_suites_validate_without_weights(path, capsys, monkeypatch):
+    """validate resolves every cell and builds no model: no SD3.5 weights are needed here."""
+    from dgpo_bench.cli import main
+
+    monkeypatch.delenv("DGPO_BENCH_SD3_PATH", raising=False)
+    assert is_suite(path)
+    code = main(["validate", str(path)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    suite = load_suite(path)
+    assert f"valid suite '{suite.name}', {len(suite.entries) * len(suite.seeds)} runs" in " ".join(out.out.split())
+    assert {e.settings.get("preset", "").rsplit("-", 1)[0] for e in suite.entries} == {
+        "dgpo", "flow-grpo", "diffusion-dpo"}
+    assert suite.name == path.stem and len(suite.seeds) == (3 if "nano" in path.stem else 1)
+
+
 # --------------------------------------------------------------------------- a tiny suite through the CLI
 
 TINY_NANO = dict(world="text", height=16, width=32, patch_size=4, num_layers=2, num_attention_heads=2,
