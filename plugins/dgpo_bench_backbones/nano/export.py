@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import default_weights_dir, load_nano
+from .model import default_weights_dir, load_nano, save_nano
 from .pretrain import Scorer, evaluate, grid
 
 
@@ -53,14 +53,84 @@ def eval_ckpt(path: str | Path, n: int = 512, seed: int = 1000, threads: int = 2
     return res
 
 
-def ship(path: str | Path, n: int = 512, threads: int = 2) -> Path:
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+NOTES = """Notes: the run was launched with `--threads 1`, stopped and continued with `--resume` (state of the
+latest checkpoint: weights, EMA, optimizer, data and noise RNGs) to lower the periodic evaluation size
+and, at step 1500 for text / 250 for shapes, with `--reset-ema`: the plain 0.999 EMA from a random init
+lagged far behind the weights (EMA samples were pure noise at step 1250 while the raw model's loss was
+0.10), so the EMA was restarted from the current weights and now uses the warm-up decay
+min(0.999, (1+n)/(10+n)), which is the default of `pretrain` (a fresh run reproduces the recipe without
+any resume).  The 2-core machine was shared with several other jobs, so minutes are not comparable
+to an idle machine; budget in steps."""
+
+
+def write_pretrain_md(dst: Path, ckpt: Path, summary: dict, bench_res: dict | None = None,
+                      notes: str = NOTES) -> None:
+    run_dir = ckpt.parent
+    step = int(ckpt.name.split("_")[-1])
+    log = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines() if l.strip()] \
+        if (run_dir / "log.jsonl").exists() else []
+    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    rec = next((r for r in log if r["step"] == step), {})
+    cfg = json.loads((dst / "config.json").read_text())
+    lines = [
+        f"# Nano backbone, {cfg['world']} world: pretraining record", "",
+        f"Shipped weights: EMA weights of `{ckpt}` (step {step}), copied by",
+        f"`python -m dgpo_bench_backbones.nano.export ship {ckpt} --n {summary['n']}`.", "",
+        "## Command", "",
+        "```",
+        f"python -m dgpo_bench_backbones.nano.pretrain --world {cfg['world']} --seed {run.get('seed', 0)} "
+        f"--out {run_dir} --steps {run.get('steps')} --eval-every {run.get('eval_every', 250)}",
+        "```", "",
+        f"(last invocation: `python -m dgpo_bench_backbones.nano.pretrain {' '.join(run.get('argv', [])[1:])}`)", "",
+        notes, "",
+        "## Facts", "",
+        f"- seed {run.get('seed', 0)}, batch {run.get('batch_size', 32)}, AdamW lr {run.get('lr')} "
+        f"(warmup {run.get('warmup')}), EMA {run.get('ema_decay')} (warm-up {run.get('ema_warmup')}), "
+        f"condition dropout {run.get('cond_dropout')}, bf16 autocast {run.get('bf16')}",
+        f"- steps {step}; training minutes {rec.get('train_minutes', float('nan')):.1f} "
+        f"(train loss, last 100 steps: {rec.get('loss', float('nan')):.4f})",
+        f"- CPU: {_cpu_name()}, {run.get('threads')} torch thread(s), shared with other jobs",
+        f"- parameters: {load_nano(dst).num_parameters() / 1e6:.3f}M; "
+        f"file size {(dst / 'model.safetensors').stat().st_size / 1e6:.1f} MB (bf16)",
+        f"- default inference: {cfg['num_inference_steps']} Euler steps (diffusers "
+        f"FlowMatchEulerDiscreteScheduler, shift {cfg['shift']}), CFG {cfg['guidance_scale']} with \"\"", "",
+        "## Held-out evaluation of the shipped weights", "",
+        f"- base score (mean reward): **{summary['score']:.3f}** on {summary['n']} held-out prompts "
+        f"(noise seed 1000, fp32)",
+        f"- {'exact-match rate' if cfg['world'] == 'text' else 'fully-correct rate (GenEval strict)'}: "
+        f"{summary['exact']:.3f}",
+        f"- ceiling (ground-truth renders of the same prompts): score {summary['ceiling']['score']:.3f}, "
+        f"exact {summary['ceiling']['exact']:.3f}",
+        "- `samples.png`: the first 16 held-out prompts (row-major):", "",
+    ]
+    lines += [f"  {i + 1}. {p}" for i, p in enumerate(summary.get("sample_prompts", []))]
+    lines += ["", "## Eval log of the run (periodic, EMA weights, bf16, n prompts each)", "",
+              "| step | train min | loss | score | exact | n |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['step']} | {r['train_minutes']:.1f} | {r['loss']:.4f} | {r['eval_score']:.3f} | "
+              f"{r['eval_exact']:.3f} | {r['eval_n']} |" for r in log]
+    if bench_res:
+        lines += ["", "## Speed (this machine)", "", "```", json.dumps(bench_res, indent=2), "```"]
+    (dst / "PRETRAIN.md").write_text("\n".join(lines) + "\n")
+
+
+def ship(path: str | Path, n: int = 512, threads: int = 2, with_bench: bool = False) -> Path:
     path = Path(path)
     model = load_nano(path)
     world = model.config.world
     dst = default_weights_dir(world)
     dst.mkdir(parents=True, exist_ok=True)
-    shutil.copy(path / "model.safetensors", dst / "model.safetensors")
-    shutil.copy(path / "config.json", dst / "config.json")
+    # EMA weights in bf16 (half the size; evaluated below exactly as shipped)
+    save_nano(model, dst, dtype=torch.bfloat16)
     res = eval_ckpt(dst, n=n, threads=threads, return_images=True)
     from PIL import Image
 
@@ -69,29 +139,72 @@ def ship(path: str | Path, n: int = 512, threads: int = 2) -> Path:
     summary["source_checkpoint"] = str(path)
     summary["ceiling"] = ceiling(world, n=n)
     summary["sample_prompts"] = res["prompts"][:16]
+    bench_res = bench(dst, threads=threads) if with_bench else None
+    if bench_res:
+        summary["bench"] = bench_res
     (dst / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_pretrain_md(dst, path, summary, bench_res)
     print(json.dumps(summary, indent=2))
     return dst
 
 
+def bench(path: str | Path, threads: int = 2, group: int = 16, repeats: int = 3) -> dict:
+    """Wall-clock of one group (``group`` images, default steps, CFG) and of one training step."""
+    from .model import generate
+
+    torch.set_num_threads(threads)
+    model = load_nano(path)
+    prompts = [it["prompt"] for it in __import__("dgpo_bench_tasks").load_prompts(model.config.world, "eval")[:group]]
+    out = {"threads": threads, "group": group, "num_steps": model.config.num_inference_steps,
+           "guidance_scale": model.config.guidance_scale}
+    for ac in (False, True):
+        generate(model, prompts[:2], autocast=ac)
+        ts = []
+        for r in range(repeats):
+            t = time.time()
+            generate(model, prompts, seed=r, autocast=ac)
+            ts.append(time.time() - t)
+        out["group_seconds_" + ("bf16" if ac else "fp32")] = min(ts)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    x = torch.randn(32, model.config.channels, model.config.height, model.config.width)
+    for ac in (False, True):
+        ts = []
+        for r in range(repeats + 1):
+            t = time.time()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ac):
+                e, p = model.encode((prompts * 2)[:32])
+                v = model(x, torch.rand(32), e, p)
+            loss = torch.nn.functional.mse_loss(v.float(), x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ts.append(time.time() - t)
+        out["train_step_bs32_seconds_" + ("bf16" if ac else "fp32")] = min(ts[1:])
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", choices=["eval", "ship", "ceiling"])
+    ap.add_argument("cmd", choices=["eval", "ship", "ceiling", "bench"])
     ap.add_argument("paths", nargs="+", help="checkpoint dirs (or a world name for 'ceiling')")
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--guidance-scale", type=float, default=None)
+    ap.add_argument("--bench", action="store_true", help="ship: also time a 16-image group and a train step")
     a = ap.parse_args(argv)
     for p in a.paths:
         if a.cmd == "eval":
             r = eval_ckpt(p, n=a.n, seed=a.seed, threads=a.threads, guidance_scale=a.guidance_scale)
             r.pop("texts", None), r.pop("scores", None)
             print(json.dumps(r), flush=True)
+        elif a.cmd == "bench":
+            print(json.dumps(bench(p, threads=a.threads)), flush=True)
         elif a.cmd == "ceiling":
             print(json.dumps({"world": p, **ceiling(p, n=a.n)}), flush=True)
         else:
-            ship(p, n=a.n, threads=a.threads)
+            ship(p, n=a.n, threads=a.threads, with_bench=a.bench)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
              lr: float = 1e-3, warmup: int = 200, ema_decay: float = 0.999, grad_clip: float = 1.0,
              cond_dropout: float = 0.1, bf16: bool | None = None, threads: int = 2,
              eval_every: int = 250, eval_n: int = 256, eval_start: int = 1500, eval_n_early: int = 64,
-             guidance_scale: float | None = None, resume: bool = False, keep_states: int = 1) -> Path:
+             guidance_scale: float | None = None, resume: bool = False, keep_states: int = 1,
+             ema_warmup: bool = True, reset_ema: bool = False) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
@@ -177,12 +178,15 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
             torch.set_rng_state(st["torch_rng"])
             step, train_seconds = st["step"], st["train_seconds"]
             log(f"resumed from {states[-1]} at step {step}")
+            if reset_ema:
+                ema.load_state_dict(model.state_dict())
+                log("EMA reset to the current weights")
     if step == 0 and log_path.exists():
         log_path.unlink()
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     run_info = {"world": world, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
                 "warmup": warmup, "ema_decay": ema_decay, "grad_clip": grad_clip,
-                "cond_dropout": cond_dropout, "bf16": bf16, "threads": threads,
+                "cond_dropout": cond_dropout, "ema_warmup": ema_warmup, "reset_ema": reset_ema, "bf16": bf16, "threads": threads,
                 "eval_every": eval_every, "eval_n": eval_n, "argv": sys.argv}
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     log(f"world={world} params={model.num_parameters()/1e6:.3f}M bf16={bf16} threads={threads} "
@@ -214,8 +218,11 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         sched.step()
+        # EMA with warm-up (decay (1+n)/(10+n) capped at ema_decay) so that early
+        # checkpoints are not dominated by the random initialisation
+        decay = min(ema_decay, (1.0 + step) / (10.0 + step)) if ema_warmup else ema_decay
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, model_params, 1.0 - ema_decay)
+            torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
         step += 1
         train_seconds += time.time() - t0
         losses.append(loss.item())
@@ -271,12 +278,16 @@ def main(argv=None):
     ap.add_argument("--eval-n-early", type=int, default=64)
     ap.add_argument("--guidance-scale", type=float, default=None)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false",
+                    help="plain EMA from step 0 (default: decay min(ema_decay, (1+n)/(10+n)))")
+    ap.add_argument("--reset-ema", action="store_true", help="on --resume, restart the EMA from the current weights")
     a = ap.parse_args(argv)
     bf16 = {"auto": None, "on": True, "off": False}[a.bf16]
     pretrain(a.world, a.out, steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr,
              warmup=a.warmup, ema_decay=a.ema_decay, cond_dropout=a.cond_dropout, bf16=bf16,
              threads=a.threads, eval_every=a.eval_every, eval_n=a.eval_n, eval_start=a.eval_start, eval_n_early=a.eval_n_early,
-             guidance_scale=a.guidance_scale, resume=a.resume)
+             guidance_scale=a.guidance_scale, resume=a.resume,
+             ema_warmup=a.ema_warmup, reset_ema=a.reset_ema)
 
 
 if __name__ == "__main__":
