@@ -216,10 +216,10 @@ def build_table(runs: list[RunRecord], target: float | None = None) -> Compariso
     out = []
     for (backbone, train), methods in sections.items():
         all_runs = [r for group in methods.values() for r in group]
-        base_scores = {c.name: Stat([r.result["base"][c.name] for r in all_runs if c.name in r.result.get("base", {})])
-                       for c in columns}
-        base = Row(f"{backbone} (base)", [r.path for r in all_runs], sorted({r.result.get("seed", 0) for r in all_runs}),
-                   {k: v for k, v in base_scores.items() if v.n})
+        base_scores = {c.name: Stat([r.result["base"][c.name] for r in all_runs
+                                     if c.name in r.result.get("base", {})]) for c in columns}
+        base = Row(f"{backbone} (base)", [r.path for r in all_runs],
+                   sorted({r.result.get("seed", 0) for r in all_runs}), {k: v for k, v in base_scores.items() if v.n})
         rows = []
         for group in methods.values():
             group = sorted(group, key=lambda r: (r.result.get("seed", 0), str(r.path)))
@@ -379,7 +379,8 @@ def _caption(table: ComparisonTable) -> list[str]:
         seeds = sorted({len(r.runs) for r in s.rows})
         if s.target is not None:
             ref = f"; speed-up relative to {s.reference}" if s.reference else ""
-            lines.append(f"{s.title}: {len(s.rows)} methods, {'/'.join(map(str, seeds))} seeds; time to target = "
+            lines.append(f"{s.title}: {len(s.rows)} method{'s' if len(s.rows) > 1 else ''}, "
+                         f"{'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''}; time to target = "
                          f"training time to reach {s.target_reward} {'≥' if s.higher_is_better else '≤'} "
                          f"{_fmt_target(s)} ({s.target_source}){ref}.")
         lines += [f"{s.title}: note: {n}." for n in s.notes]
@@ -519,11 +520,12 @@ def _latex(table: ComparisonTable) -> str:
 
 
 def _rich(table: ComparisonTable):
+    from rich.markup import escape
     from rich.table import Table
 
     dec = _column_decimals(table)
-    t = Table(title="held-out scores (mean ± std over seeds) and training cost", caption="\n".join(_caption(table)),
-              caption_justify="left")
+    t = Table(title="held-out scores (mean ± std over seeds) and training cost",
+              caption=escape("\n".join(_caption(table))), caption_justify="left")
     t.add_column("Model")
     for c in table.columns:
         t.add_column(_header(c) + ("" if c.in_domain else " (ood)"), justify="right")
@@ -533,9 +535,9 @@ def _rich(table: ComparisonTable):
     for s, r, is_base in _rows(table):
         if r is None:
             if several:
-                t.add_row(f"[italic]{s.title}[/]")
+                t.add_row(f"[italic]{escape(s.title)}[/]")
             continue
-        cells = [r.label]
+        cells = [escape(r.label)]
         for c in table.columns:
             mean, std = _score_text(r.scores.get(c.name), dec[c.name], is_base)
             cells.append(f"[bold green]{mean}{std}[/]" if c.name in r.best else f"{mean}{std}")

@@ -294,3 +294,17 @@ def test_plots_and_sample_grid(suite_dir, tmp_path):
     for k, name in enumerate(["base", "dgpo", "flow-grpo"]):
         x0 = 8 + k * (384 + 8)
         assert (row[x0:x0 + 384] == colours[name]).all()
+
+
+def test_rich_shows_labels_with_brackets_verbatim(tmp_path):
+    """Row labels such as 'dgpo [flow-sde]' are text, not rich markup."""
+    for i, sampler in enumerate(["ode-euler", "flow-sde"]):
+        s = spec(None, "dgpo", sampler, 0, eval_rewards=())
+        evals = [{"type": "eval", "step": 3, "label": "final", "scores": {"ocr": 0.5 + i / 10},
+                  "cost": {"train_seconds": 1.0, "images": 8, "nfe_total": 80}}]
+        write_run(tmp_path / f"r{i}", s, {"ocr": 0.4}, {"ocr": 0.5 + i / 10}, {"ocr": True}, evals[0]["cost"], evals, 3)
+    console = Console(record=True, width=250)
+    console.print(render(build_table(find_runs([tmp_path]), None), "rich"))
+    text = console.export_text()
+    assert "dgpo [ode-euler]" in text and "dgpo [flow-sde]" in text
+    assert "final score of dgpo [ode-euler], the method that ends worst" in " ".join(text.split())
