@@ -38,7 +38,7 @@ def reference_score(recognised: str, target: str) -> float:
 
 @pytest.fixture(scope="module")
 def reward():
-    r = OcrReward()
+    r = OcrReward({"workers": 0})
     r.load(CPU)
     yield r
     r.close()
@@ -78,6 +78,8 @@ def test_large_images_use_detection_and_read_the_text(reward):
     words = ["direct delay", "copyfile"]
     images = np.stack([render_text(w, rng, 512, 512, font_size=48) for w in words])
     assert reward.mode_for(512, 512) == "det-rec" and reward.mode_for(32, 128) == "rec"
+    default = OcrReward()  # by default small crops are read in-process and large images by a pool
+    assert (default.workers_for("rec"), default.workers_for("det-rec")) == (0, min(2, os.cpu_count()))
     scores = reward.score(images, [Prompt('a banner that reads "direct delay"'), Prompt('a label reading "copy"')])
     np.testing.assert_array_equal(scores, [1.0, 1.0])
     scores = reward.score(images[1:], [Prompt('a label reading "copyright"')])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from concurrent.futures.process import BrokenProcessPool
 from typing import ClassVar, Literal, Sequence
@@ -35,8 +36,10 @@ class OcrOptions(Options):
     """'rec' reads the whole image as one line; 'det-rec' detects text boxes first;
     'auto' uses 'rec' when the image's shorter side is at most ``rec_max_side`` pixels."""
     rec_max_side: int = Field(64, ge=1)
-    workers: int = Field(0, ge=0)
-    """Reader processes (spawned); 0 reads in this process."""
+    workers: int | None = Field(None, ge=0)
+    """Reader processes (spawned); 0 reads in this process. None: in this process for 'rec'
+    crops (about 30 ms of CPU each, where a pool adds only start-up), two processes for
+    'det-rec' images (about 150 ms each); see benchmarks/results/ocr_throughput.md."""
     threads: int = Field(1, ge=1)
     """onnxruntime intra-op threads per reader."""
     rec_batch_size: int = Field(8, ge=1)
@@ -63,13 +66,24 @@ class OcrReward(Reward):
         return ReaderConfig(mode=mode, threads=o.threads, rec_batch_size=o.rec_batch_size,
                             det_limit_side_len=o.det_limit_side_len)
 
+    def workers_for(self, mode: str) -> int:
+        if self.options.workers is not None:
+            return self.options.workers
+        return 0 if mode == "rec" else min(2, os.cpu_count() or 1)
+
     def load(self, ctx: LoadContext) -> None:
+        """Build the reader (or start the pool) for the mode expected; 'auto' expects small crops."""
         first = "det-rec" if self.options.mode == "det-rec" else "rec"
-        if self.options.workers:
-            self._pool = ReaderPool(self.options.workers, self._config(first))
-            self._pool.start()
+        if self.workers_for(first):
+            self._start_pool(first)
         else:
             self._reader(first).read([np.full((32, 128, 3), 255, np.uint8)])  # build the sessions now
+
+    def _start_pool(self, mode: str) -> ReaderPool:
+        if self._pool is None:
+            self._pool = ReaderPool(self.workers_for(mode), self._config(mode))
+            self._pool.start()
+        return self._pool
 
     def _reader(self, mode: str):
         if mode not in self._readers:
@@ -87,8 +101,8 @@ class OcrReward(Reward):
             return []
         mode = self.mode_for(*images.shape[1:3])
         try:
-            if self._pool is not None:
-                texts = self._pool.read(self._config(mode), images)
+            if self.workers_for(mode):
+                texts = self._start_pool(mode).read(self._config(mode), images)
             else:
                 texts = self._reader(mode).read(list(images))
         except BrokenProcessPool:
