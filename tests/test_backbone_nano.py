@@ -50,7 +50,7 @@ def base(weights):
 
 
 def make(weights, **opts):
-    bb = NanoBackbone({"weights": str(weights), **opts})
+    bb = NanoBackbone({"weights": str(weights), "autocast": "off", **opts})
     bb.load(CPU)
     return bb
 
@@ -226,7 +226,7 @@ def test_missing_and_corrupt_weights(weights, tmp_path):
 
 def test_lora_init_depends_only_on_the_run_seed(weights):
     def init(seed):
-        bb = NanoBackbone({"weights": str(weights), "lora_rank": 4})
+        bb = NanoBackbone({"weights": str(weights), "lora_rank": 4, "autocast": "off"})
         torch.manual_seed(seed + 100)  # the global RNG must not matter
         bb.load(LoadContext(device=torch.device("cpu"), seed=seed))
         return torch.cat([p.detach().flatten() for p in bb.trainable_parameters()])

@@ -22,6 +22,7 @@ class NanoOptions(TransformerOptions):
     """Which shipped checkpoint to load; 'auto' follows the run's prompt world (text if it has none)."""
     weights: Path | None = None
     """A checkpoint folder (config.json + model.safetensors) to load instead of the shipped one."""
+    autocast: Literal["auto", "on", "off"] = "auto"
 
 
 class NanoBackbone(TransformerBackbone):
