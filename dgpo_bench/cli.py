@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         dirs = [Path(p) for p in os.environ.get("DGPO_BENCH_PLUGINS_DIR", "").split(os.pathsep) if p]
         pm = get_plugin_manager(plugins_dirs=dirs, strict="--strict-plugins" in argv)
         app = build_app(pm)
-        app(args=argv, prog_name="dgpo-bench", standalone_mode=False)
-        return 0
+        code = app(args=argv, prog_name="dgpo-bench", standalone_mode=False)
+        if code == 130:  # typer (non-standalone) turns Ctrl-C into this exit code
+            err.print("Interrupted; results written so far are kept (rerun the same command to resume).")
+        return code if isinstance(code, int) else 0
     except DgpoBenchError as exc:
         if debug:
             raise

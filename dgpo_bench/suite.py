@@ -110,9 +110,9 @@ class Suite:
             user = deep_merge(self.base, entry.settings)
             source = f"{self.path} entry '{entry.name}'"
             for seed in self.seeds:
-                user = {**user, "name": entry.name, "seed": seed}
                 try:
-                    spec, notes = build_spec(comps, user, [*entry.overrides, *self.overrides], source=source)
+                    spec, notes = build_spec(comps, {**user, "name": entry.name, "seed": seed},
+                                             [*entry.overrides, *self.overrides], source=source)
                     resolved = resolve(comps, spec, notes)
                 except DgpoBenchError as exc:
                     raise SpecError(f"{source}: {exc}") from exc
@@ -263,9 +263,11 @@ class SuiteReport:
 
 
 def _status(run_dir: Path) -> str:
+    from .engine import CHECKPOINT_DIR
+
     if (run_dir / RESULT_FILE).is_file():
         return "finished"
-    if (run_dir / "checkpoint" / "engine.json").is_file():
+    if (run_dir / CHECKPOINT_DIR / "engine.json").is_file():
         return "will resume"
     return "to run"
 
@@ -281,8 +283,8 @@ def _print_cells(console, title: str, rows: list[tuple[str, ...]], headers: tupl
     from rich.table import Table
 
     table = Table(title=title)
-    for h in headers:
-        table.add_column(h, overflow="fold")
+    for h in headers:  # cell names and statuses stay on one line; the rest may fold
+        table.add_column(h, overflow="fold", no_wrap=h in ("cell", "status"))
     for r in rows:
         table.add_row(*r)
     console.print(table)

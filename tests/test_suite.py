@@ -1,9 +1,12 @@
 """Suites: parsing, resolution of every cell, equal-budget checks, and a tiny suite through
 the CLI (skipping finished cells, going on after a failing one, resuming, compare)."""
 
+import _thread
 import json
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -195,6 +198,7 @@ backbone = {{ name = "nano", options = {{ weights = "{weights}" }} }}
 rewards = [{{ name = "ocr" }}]
 group_size = 2
 prompts_per_step = 2
+checkpoint_every = 1
 [base.budget]
 steps = 2
 [base.eval]
@@ -233,6 +237,16 @@ def tiny_weights(tmp_path_factory):
     return path
 
 
+def interrupt_once(path, stop, timeout=900):
+    """Ctrl-C the main thread as soon as ``path`` exists (unless ``stop`` is set first)."""
+    deadline = time.monotonic() + timeout
+    while not stop.is_set() and time.monotonic() < deadline:
+        if path.is_file():
+            _thread.interrupt_main()
+            return
+        time.sleep(0.005)
+
+
 def bench(capsys, *argv):
     from dgpo_bench.cli import main
 
@@ -249,13 +263,18 @@ def test_tiny_suite_runs_skips_recovers_and_compares(tmp_path, tiny_weights, cap
     suite = write(tmp_path, TINY_SUITE.format(weights=tiny_weights, prompts=4), "tiny.toml")
     out = tmp_path / "runs"
 
-    # an interrupted suite: only the dgpo cells ran
+    # an interrupted suite: Ctrl-C in the second dgpo cell once its first checkpoint is on disk
+    stop = threading.Event()
+    watcher = threading.Thread(target=interrupt_once, daemon=True,
+                               args=(out / "dgpo" / "seed1" / "checkpoint" / "engine.json", stop))
+    watcher.start()
     code, _, err = bench(capsys, "bench", str(suite), "--out", str(out), "--only", "dgpo")
-    assert code == 0, err
-    done = {s: (out / "dgpo" / f"seed{s}" / "result.json").read_bytes() for s in (0, 1)}
-    assert not (out / "flow-grpo").exists()
+    stop.set()
+    assert code == 130 and "Interrupted" in err, err
+    done = (out / "dgpo" / "seed0" / "result.json").read_bytes()
+    assert not (out / "dgpo" / "seed1" / "result.json").exists() and not (out / "flow-grpo").exists()
     code, _, err = bench(capsys, "bench", str(suite), "--out", str(out), "--dry-run")
-    assert code == 0 and "dgpo/seed1" in err and err.count("finished") == 2 and err.count("to run") == 2
+    assert code == 0 and [err.count(s) for s in ("finished", "will resume", "to run")] == [1, 1, 2]
 
     # one cell cannot start (a damaged checkpoint); the others run and the command fails at the end
     broken = out / "flow-grpo" / "seed1" / "checkpoint"
@@ -265,8 +284,11 @@ def test_tiny_suite_runs_skips_recovers_and_compares(tmp_path, tiny_weights, cap
     code, _, err = bench(capsys, "bench", str(suite), "--out", str(out))
     assert code == 2
     assert "1 of 4 cells of suite 'tiny' failed (flow-grpo/seed1: The checkpoint in" in err
-    assert err.count("finished earlier, skipped") == 2
-    assert {s: (out / "dgpo" / f"seed{s}" / "result.json").read_bytes() for s in (0, 1)} == done
+    assert err.count("finished earlier, skipped") == 1 and "dgpo/seed1: dgpo with dpm-solver, steps 2 (resuming)" in err
+    assert (out / "dgpo" / "seed0" / "result.json").read_bytes() == done
+    train = [json.loads(x) for x in (out / "dgpo" / "seed1" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in train if m["type"] == "train"]
+    assert steps.count(1) == 1 and set(steps) == {1, 2}  # the step before the checkpoint was not redone
     assert (out / "flow-grpo" / "seed0" / "result.json").is_file()
     assert not (out / "flow-grpo" / "seed1" / "result.json").exists()
     assert "MissingWeightsError" in (out / "flow-grpo" / "seed1" / "error.log").read_text()
@@ -314,4 +336,4 @@ def test_tiny_suite_runs_skips_recovers_and_compares(tmp_path, tiny_weights, cap
     suite.write_text(TINY_SUITE.format(weights=tiny_weights, prompts=3))
     code, _, err = bench(capsys, "bench", str(suite), "--out", str(out), "--only", "dgpo/seed0")
     assert code == 2 and "finished with a different spec than the suite now gives" in err
-    assert (out / "dgpo" / "seed0" / "result.json").read_bytes() == done[0]
+    assert (out / "dgpo" / "seed0" / "result.json").read_bytes() == done
