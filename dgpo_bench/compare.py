@@ -232,6 +232,9 @@ def build_table(runs: list[RunRecord], target: float | None = None) -> Compariso
             rows.append(Row(label, [r.path for r in group], [r.result.get("seed", 0) for r in group],
                             {k: v for k, v in scores.items() if v.n}, cost=cost, curve=curve))
         _unique_labels(rows, methods)
+        if len({len(r.runs) for r in rows}) > 1:  # a method short of seeds (a failed cell) says so
+            for r in rows:
+                r.label += f" (n={len(r.runs)})"
         section = Section(f"{'+'.join(train)} on {backbone}", backbone, list(train), train[0],
                           higher.get(train[0], True), base, rows)
         _mark_best(section, columns)

@@ -248,11 +248,11 @@ def test_sections_per_training_reward_and_labels(tmp_path):
     assert [(c.name, c.in_domain) for c in table.columns] == [("ocr", True), ("count", True), ("aesthetic", False)]
     ocr, count = table.sections
     assert (ocr.title, count.title) == ("ocr on nano", "count on nano")
-    assert [r.label for r in ocr.rows] == ["dgpo [ode-euler]", "dgpo [flow-sde]"]
+    assert [r.label for r in ocr.rows] == ["dgpo [ode-euler] (n=2)", "dgpo [flow-sde] (n=1)"]
     assert ocr.rows[0].scores["ocr"].values == [0.8, 0.9]
     assert ocr.base.scores["aesthetic"].mean == pytest.approx(mean([5.0, 6.0, 7.0]))
     assert "count" not in ocr.rows[0].scores
-    assert ocr.target == 0.6 and ocr.reference == "dgpo [flow-sde]"
+    assert ocr.target == 0.6 and ocr.reference == "dgpo [flow-sde] (n=1)"
     assert ocr.rows[0].to_target.cost["train_seconds"] == pytest.approx(15.0)
     assert ocr.rows[0].to_target.speedup["train_seconds"] == pytest.approx(30.0 / 15.0)
     md = render(table, "markdown").splitlines()
@@ -308,3 +308,12 @@ def test_rich_shows_labels_with_brackets_verbatim(tmp_path):
     text = console.export_text()
     assert "dgpo [ode-euler]" in text and "dgpo [flow-sde]" in text
     assert "final score of dgpo [ode-euler], the method that ends worst" in " ".join(text.split())
+
+
+def test_methods_with_fewer_seeds_say_so(suite_dir):
+    import shutil
+
+    shutil.rmtree(suite_dir / "flow-grpo" / "seed2")  # a cell that never finished
+    (section,) = build_table(find_runs([suite_dir]), None).sections
+    assert [r.label for r in section.rows] == ["dgpo (n=3)", "flow-grpo (n=2)"]
+    assert section.rows[1].scores["ocr"].values == [0.66, 0.70]
