@@ -194,6 +194,10 @@ def build_table(runs: list[RunRecord], target: float | None = None) -> Compariso
     """Group ``runs`` into sections and methods and compute every number the table shows."""
     if not runs:
         raise SpecError("No runs to compare; pass run directories or a suite directory.")
+    unique: dict[Path, RunRecord] = {}
+    for run in runs:  # a directory reached twice (overlapping arguments, links) counts once
+        unique.setdefault(Path(run.path).resolve(), run)
+    runs = list(unique.values())
     sections: dict[tuple[str, tuple[str, ...]], dict[str, list[RunRecord]]] = {}
     higher: dict[str, bool] = {}
     order: list[str] = []
@@ -223,6 +227,10 @@ def build_table(runs: list[RunRecord], target: float | None = None) -> Compariso
         rows = []
         for group in methods.values():
             group = sorted(group, key=lambda r: (r.result.get("seed", 0), str(r.path)))
+            for a, b in zip(group, group[1:]):
+                if a.result.get("seed", 0) == b.result.get("seed", 0):
+                    raise SpecError(f"{a.path} and {b.path} are runs of the same method with the same seed; "
+                                    "pass only one of them so that statistics are over distinct seeds.")
             spec = group[0].spec
             label = spec.get("name") or spec.get("objective", {}).get("name", "?")
             scores = {c.name: Stat([r.result["tuned"][c.name] for r in group if c.name in r.result.get("tuned", {})])
@@ -281,6 +289,10 @@ def _time_to_target(section: Section, target: float | None) -> None:
         section.target_source = f"final score of {worst.label}, the method that ends worst"
     else:
         section.target, section.target_source = target, "given"
+    base = section.base.scores.get(section.target_reward)
+    if base is not None and _reached(base.mean, section.target, hib):
+        section.notes.append(f"the base model already reaches the target ({section.target_reward} "
+                             f"{base.mean:.4g}), so no method improved on it")
     for r in rows:
         hit = next((p for p in r.curve if _reached(p.score.mean, section.target, hib)), None)
         if hit is not None:

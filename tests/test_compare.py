@@ -317,3 +317,23 @@ def test_methods_with_fewer_seeds_say_so(suite_dir):
     (section,) = build_table(find_runs([suite_dir]), None).sections
     assert [r.label for r in section.rows] == ["dgpo (n=3)", "flow-grpo (n=2)"]
     assert section.rows[1].scores["ocr"].values == [0.66, 0.70]
+
+
+def test_a_run_passed_twice_counts_once_and_duplicate_seeds_are_refused(suite_dir, tmp_path):
+    runs = find_runs([suite_dir, suite_dir / "dgpo"])
+    (section,) = build_table(runs, None).sections
+    assert [len(r.runs) for r in section.rows] == [3, 3]
+    import shutil
+
+    shutil.copytree(suite_dir / "dgpo" / "seed1", tmp_path / "copy")
+    with pytest.raises(SpecError, match="same method with the same seed"):
+        build_table(find_runs([suite_dir, tmp_path / "copy"]), None)
+
+
+def test_a_target_the_base_model_already_reaches_is_flagged(suite_dir):
+    (section,) = build_table(find_runs([suite_dir]), target=0.5).sections
+    assert all(r.to_target.step == 0 and r.to_target.cost["train_seconds"] == 0 for r in section.rows)
+    assert all(r.to_target.speedup["train_seconds"] is None for r in section.rows)
+    assert any("base model already reaches the target" in n for n in section.notes)
+    (section,) = build_table(find_runs([suite_dir]), target=0.51).sections
+    assert section.notes == []
