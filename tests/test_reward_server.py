@@ -75,11 +75,12 @@ def test_a_reward_failure_on_the_server_is_a_reward_error(ocr_server, text_batch
     remote.load(CPU)
     with pytest.raises(RewardError, match=r"HTTP 422\): Prompt 'a plain prompt' has no quoted text"):
         remote.score(images[:1], [Prompt("a plain prompt")])
-    request = urllib.request.Request(ocr_server + "/score", data=b'{"images": ["not base64!"], "prompts": []}',
-                                     method="POST")
-    with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(request, timeout=10)
-    assert info.value.code == 400 and "Malformed" in json.loads(info.value.read())["error"]
+    for bad in ("not base64!", "aGVsbG8="):  # the second decodes, to bytes that are not a PNG
+        body = json.dumps({"images": [bad], "prompts": [{"text": '"x"'}]}).encode()
+        request = urllib.request.Request(ocr_server + "/score", data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=10)
+        assert info.value.code == 400 and "Malformed" in json.loads(info.value.read())["error"]
 
 
 def test_the_served_reward_must_be_the_one_named(ocr_server):

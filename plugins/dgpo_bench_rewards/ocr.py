@@ -39,7 +39,7 @@ class OcrOptions(Options):
     workers: int | None = Field(None, ge=0)
     """Reader processes (spawned); 0 reads in this process. None: in this process for 'rec'
     crops (about 30 ms of CPU each, where a pool adds only start-up), two processes for
-    'det-rec' images (about 150 ms each); see benchmarks/results/ocr_throughput.md."""
+    'det-rec' images (110-150 ms each at 512x512); see benchmarks/results/ocr_throughput.md."""
     threads: int = Field(1, ge=1)
     """onnxruntime intra-op threads per reader."""
     rec_batch_size: int = Field(8, ge=1)

@@ -92,7 +92,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length)
         try:
             images, prompts = decode_batch(body)
-        except (ValueError, TypeError) as exc:  # json and base64 errors are ValueErrors
+        except (ValueError, TypeError, OSError) as exc:  # json/base64 errors are ValueErrors, PIL's OSErrors
             return self._reply(400, {"error": f"Malformed /score request: {exc}."})
         try:
             with self.server.lock:
