@@ -83,9 +83,10 @@ class Engine:
             if ref.name not in self.reward_objs:
                 self.reward_objs[ref.name] = cls(opts)
                 self.eval_names.append(ref.name)
-        self.eval_names = [n for n in self.eval_names if not self.reward_objs[n].groupwise]
         for reward in self.reward_objs.values():
             reward.load(load_ctx)
+        # read from the loaded instances: a remote reward learns these from its server
+        self.eval_names = [n for n in self.eval_names if not self.reward_objs[n].groupwise]
         first = self.reward_objs[spec.rewards[0].name]
         self.train_prompts = (load_prompt_file(spec.prompts.train) if spec.prompts.train else first.prompts("train"))
         eval_all = load_prompt_file(spec.prompts.eval) if spec.prompts.eval else first.prompts("eval")
@@ -293,7 +294,7 @@ class Engine:
             "train_reward": self.spec.rewards[0].name,
             "base": base,
             "tuned": final.scores,
-            "higher_is_better": {n: type(self.reward_objs[n]).higher_is_better for n in self.eval_names},
+            "higher_is_better": {n: self.reward_objs[n].higher_is_better for n in self.eval_names},
             "cost": self._cost(),
             "started": started,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -1,5 +1,6 @@
 """Two CPU processes (gloo, accelerate launch) reproduce a one-process run."""
 
+
 import json
 import os
 import shutil
@@ -11,7 +12,8 @@ import pytest
 
 BIN = Path(sys.executable).parent
 TINY = ["--objective", "dgpo", "--reward", "ocr", "--steps", "2", "--group-size", "4", "--prompts-per-step", "2",
-        "--eval-prompts", "4", "-o", "sampler.steps=4", "-o", "eval-sampler.steps=4"]
+        "--eval-prompts", "4", "-o", "sampler.steps=4", "-o", "eval-sampler.steps=4",
+        "-o", "nano.autocast=off"]
 
 
 def _run(cmd, tmp_path):
@@ -31,7 +33,8 @@ def test_two_processes_match_one(tmp_path):
     cfg.write_text("log_samples = true\n[eval]\nbatch_size = 4\ngrid = 0\n")
     one, two = tmp_path / "one", tmp_path / "two"
     _run([str(BIN / "dgpo-bench"), "run", *TINY, "--config", str(cfg), "--out", str(one)], tmp_path)
-    _run([str(BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1", "--cpu",
+    # on a machine without CUDA, accelerate's multi-process launcher runs gloo on the CPU
+    _run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", str(BIN / "dgpo-bench"), "run", *TINY,
           "--config", str(cfg), "--out", str(two)], tmp_path)
     r1, r2 = _rollouts(one), _rollouts(two)
