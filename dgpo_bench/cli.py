@@ -14,7 +14,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -97,14 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         err.print("Aborted.")
         return 130
+    except typer.TyperException as exc:  # usage errors (typer's own copy of click's exceptions)
+        exc.show()
+        return 2
     except KeyboardInterrupt:
         err.print("Interrupted; results written so far are kept (rerun the same command to resume).")
         return 130
