@@ -110,8 +110,10 @@ def main() -> None:
         fn()
         times[key].append(time.perf_counter() - t0)
 
+    # the hand side uses the same bf16 autocast setting as the backbone
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bb._autocast)
     for r in range(args.repeats):
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             timed("engine_rollout", lambda: sampler.sample(bb, batch.cond, batch.noise))
             timed("hand_rollout", lambda: hand_rollout(model, lambda: dpm(sampler.shift(bb)), ehs, pooled,
                                                        null.tensors["encoder_hidden_states"],
@@ -120,11 +122,13 @@ def main() -> None:
         ctx.step = r + 1
         bb.train(True)
         timed("engine_step", lambda: objective.train_step(batch, ctx))
-        timed("hand_step", lambda: hand_dgpo_step(model, frozen, ema, opt, batch.latents, ehs, pooled, adv, gids,
-                                                  sigmas, noises, o, ctx.group_size, r + 1))
+        with autocast:
+            timed("hand_step", lambda: hand_dgpo_step(model, frozen, ema, opt, batch.latents, ehs, pooled, adv, gids,
+                                                      sigmas, noises, o, ctx.group_size, r + 1))
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"threads {torch.get_num_threads()}, {len(batch)} images per step, {args.repeats} repeats (median)")
+    print(f"threads {torch.get_num_threads()}, bf16 autocast {bb._autocast}, {len(batch)} images per step, "
+          f"{args.repeats} repeats (median)")
     for phase in ("rollout", "step"):
         e, h = med[f"engine_{phase}"], med[f"hand_{phase}"]
         print(f"{phase:8s} engine {e:7.3f} s   hand-written {h:7.3f} s   ratio {e / h:.3f}")
