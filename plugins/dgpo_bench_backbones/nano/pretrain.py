@@ -24,15 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..transformer import cpu_has_native_bf16
 from .model import NanoConfig, NanoModel, generate, save_nano, to_uint8
-
-
-def cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return ("amx_bf16" in flags) or ("avx512_bf16" in flags)
 
 
 def log(msg: str) -> None:
@@ -148,7 +141,7 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
     if bf16 is None:
-        bf16 = cpu_has_fast_bf16()
+        bf16 = cpu_has_native_bf16()
     cfg = world_config(world)
     cfg.cond_dropout = cond_dropout
     if guidance_scale is not None:
