@@ -83,7 +83,7 @@ def main() -> None:
 
     engine = build()
     bb, objective, ctx, sampler = engine.backbone, engine.objective, engine.ctx, engine.sampler
-    batch, _, _ = engine._rollout(0)
+    batch, _ = engine._rollout(0)
     o = objective.options
 
     # Hand side: the same transformer weights, its own frozen and EMA copies and optimizer.

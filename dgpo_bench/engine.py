@@ -123,7 +123,7 @@ class Engine:
             pos += len(take)
         return out
 
-    def _rollout(self, step: int) -> tuple[RolloutBatch, np.ndarray, dict[str, np.ndarray]]:
+    def _rollout(self, step: int) -> tuple[RolloutBatch, dict[str, np.ndarray]]:
         spec, bb = self.spec, self.backbone
         g = spec.group_size
         rank = self.acc.process_index
@@ -156,7 +156,7 @@ class Engine:
                              group_ids=group_ids, rewards=torch.as_tensor(total, dtype=torch.float32),
                              guidance_scale=self.sampler.guidance(bb), trajectory=out.trajectory,
                              log_probs=out.log_probs)
-        return batch, images, raw
+        return batch, raw
 
     def _over_budget(self, step: int) -> bool:
         b, m = self.spec.budget, self.meter
@@ -313,7 +313,7 @@ class Engine:
 
     def _train_step(self, step: int) -> None:
         self.ctx.step = step
-        batch, _, raw = self._rollout(step)
+        batch, raw = self._rollout(step)
         with self.meter.phase("train"):
             self.backbone.train(True)
             out = self.objective.train_step(batch, self.ctx)

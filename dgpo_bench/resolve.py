@@ -88,9 +88,9 @@ def resolve(comps: Components, spec: RunSpec, notes: list[str] | None = None) ->
             f"Objective '{objective[0].name}' needs a sampler that provides {need}; "
             f"'{sampler[0].name}' does not{fix}."
         )
-    for cls, _ in (eval_sampler,):
-        if cls.requires:
-            raise IncompatibleComponentsError(f"Sampler '{cls.name}' cannot evaluate: it requires {sorted(cls.requires)}.")
+    if eval_sampler[0].requires:
+        raise IncompatibleComponentsError(f"Sampler '{eval_sampler[0].name}' cannot evaluate: it requires "
+                                          f"{sorted(eval_sampler[0].requires)}.")
     groupwise = [cls.name for cls, _, _ in rewards if cls.groupwise]
     if groupwise and spec.group_size < 2:
         raise IncompatibleComponentsError(f"Group-wise rewards {groupwise} need groups of at least 2 samples.")

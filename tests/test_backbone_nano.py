@@ -21,15 +21,6 @@ TINY = dict(height=16, width=32, patch_size=4, num_layers=2, num_attention_heads
             joint_attention_dim=32, pooled_projection_dim=32, text_max_len=12, guidance_scale=2.5, shift=1.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and do not thrash when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     torch.manual_seed(0)

@@ -24,15 +24,6 @@ CPU = LoadContext(device=torch.device("cpu"))
 PROMPTS = ['a sign that says "cat"', "a red cube"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and do not thrash when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("sd3") / "tiny-sd3"
