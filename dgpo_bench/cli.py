@@ -107,6 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("Interrupted; results written so far are kept (rerun the same command to resume).")
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Shut down torch.distributed (under ``accelerate launch``): exiting with gloo up can abort."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def timestamped_dir(base: str, label: str) -> Path:

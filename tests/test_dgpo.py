@@ -202,6 +202,8 @@ def _two_process_worker(rank: int, port: int, out_dir: str) -> None:
     adv = acc.gather(out.advantages)
     if rank == 0:
         torch.save({"grads": grads, "adv": adv, "metrics": out.metrics}, os.path.join(out_dir, "two.pt"))
+    acc.wait_for_everyone()
+    acc.end_training()  # a process that exits with gloo still up can abort ("terminate called ...")
 
 
 def test_group_split_across_two_processes_matches_one_process(tmp_path):
