@@ -77,3 +77,17 @@ def test_prompt_sets_are_shapes_prompts_with_scenes():
 def test_prompts_without_a_scene_are_an_error():
     with pytest.raises(RewardError, match="no 'scene' metadata"):
         CompositionalReward().score(np.full((1, 64, 64, 3), 255, np.uint8), [Prompt('a sign that says "hi"')])
+
+
+def test_ragged_blobs_are_not_objects():
+    """Speckle of the right colour (what an undertrained model paints) earns no credit."""
+    from dgpo_bench_tasks.shapes import detect_objects
+
+    solid = np.full((64, 64, 3), 255, np.uint8)
+    solid[20:40, 20:40] = COLORS["red"]
+    rng = np.random.default_rng(0)
+    speckled = solid.copy()
+    holes = rng.random((64, 64)) < 0.35
+    speckled[holes & (solid != 255).any(-1)] = 255
+    assert [o["shape"] for o in detect_objects(solid)] == ["square"]
+    assert detect_objects(speckled) == []

@@ -49,6 +49,7 @@ HELDOUT_POSITION = {("circle", "left of", "square"), ("square", "above", "triang
 MIN_AREA = 20           # px; smaller components are noise
 COLOR_TOL = 90.0        # max RGB distance to a palette colour
 REL_MARGIN = 4.0        # px the centroids must differ by along the relation axis
+MIN_SOLIDITY = 0.9      # pixel area / convex-hull area; ragged blobs are not objects
 
 
 def _plural(shape: str) -> str:
@@ -246,6 +247,17 @@ def classify_shape(mask: np.ndarray) -> str:
     return "square"
 
 
+def solidity(mask: np.ndarray) -> float:
+    """Pixel area over the convex-hull area of one component (~1.1 for drawn shapes, whose
+    hull is traced through pixel centres; speckled blobs score well below 0.9)."""
+    import cv2
+
+    m = mask.astype(np.uint8)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull = cv2.contourArea(cv2.convexHull(np.concatenate(contours)))
+    return float(m.sum()) / max(hull, 1.0)
+
+
 def detect_objects(image: np.ndarray) -> list[dict]:
     """[{shape, color, cx, cy, area}] found by palette segmentation + components."""
     import cv2
@@ -266,6 +278,8 @@ def detect_objects(image: np.ndarray) -> list[dict]:
             if area < MIN_AREA:
                 continue
             comp = cc == k
+            if solidity(comp) < MIN_SOLIDITY:
+                continue
             objs.append({"shape": classify_shape(comp), "color": cname, "cx": float(cents[k][0]),
                          "cy": float(cents[k][1]), "area": area})
     return objs
