@@ -8,6 +8,7 @@ global sample index and N processes reproduce one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from datetime import datetime, timezone
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from .context import EngineContext, derive_seed, sample_seeds
+from .ema import WeightEma
 from .contracts import LoadContext, Prompt, Reward, RolloutBatch, SampleNoise, SampleOutput
 from .errors import MissingWeightsError, SpecError
 from .evaluation import EvalResult, evaluate, score_reward
@@ -108,6 +110,7 @@ class Engine:
         self.ctx = EngineContext(self.backbone, self.sampler, self.acc, o_opts, spec.seed, spec.group_size,
                                  spec.prompts_per_step)
         self.objective.setup(self.ctx)
+        self.eval_ema = WeightEma(self.backbone.trainable_parameters()) if spec.eval.ema else None
 
     # ------------------------------------------------------------------ steps
     def _step_prompts(self, step: int) -> list[int]:
@@ -181,10 +184,22 @@ class Engine:
         return snap
 
     # ------------------------------------------------------------------ eval
+    def _update_eval_ema(self, step: int) -> None:
+        ema = self.spec.eval.ema
+        if ema and step % ema.every == 0:
+            self.eval_ema.update(self.backbone.trainable_parameters(), min(ema.decay, (1 + step) / (10 + step)))
+
+    def _eval_weights(self) -> contextlib.AbstractContextManager:
+        """The weights evaluated and exported: the slow EMA if the spec asks for one."""
+        if self.eval_ema is None:
+            return contextlib.nullcontext()
+        return self.backbone.swapped_weights(self.eval_ema.tensors, role="ema")
+
     def _evaluate(self, step: int, label: str) -> EvalResult:
-        res = evaluate(self.backbone, self.eval_sampler, {n: self.reward_objs[n] for n in self.eval_names},
-                       self.eval_prompts, self.spec.eval.seeds, self.spec.eval.batch_size, self.acc,
-                       self.progress, self.spec.eval.grid, f"eval ({label})")
+        with self._eval_weights():
+            res = evaluate(self.backbone, self.eval_sampler, {n: self.reward_objs[n] for n in self.eval_names},
+                           self.eval_prompts, self.spec.eval.seeds, self.spec.eval.batch_size, self.acc,
+                           self.progress, self.spec.eval.grid, f"eval ({label})")
         if self.main:
             append_jsonl(self.run_dir / METRICS_FILE, {"type": "eval", "step": step, "label": label,
                                                        "scores": res.scores, "cost": self._cost()})
@@ -205,6 +220,8 @@ class Engine:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         params = {f"p{i}": p.detach().contiguous().cpu() for i, p in enumerate(self.backbone.trainable_parameters())}
+        if self.eval_ema is not None:
+            params.update({f"e{i}": t.contiguous().cpu() for i, t in enumerate(self.eval_ema.tensors)})
         save_file(params, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": self.ctx.optimizer.state_dict(), "objective": self.objective.state_dict()},
                    tmp / "state.pt")
@@ -231,12 +248,15 @@ class Engine:
             raise MissingWeightsError(f"The checkpoint in {ck} is corrupt ({type(exc).__name__}); delete that "
                                       "folder to restart the run from the beginning.") from None
         trainable = self.backbone.trainable_parameters()
-        if len(params) != len(trainable):
-            raise SpecError(f"The checkpoint in {ck} holds {len(params)} tensors but this run trains "
-                            f"{len(trainable)}; it belongs to another spec: use another --out.")
+        if sum(k.startswith("p") for k in params) != len(trainable) or \
+                (self.eval_ema is not None) != any(k.startswith("e") for k in params):
+            raise SpecError(f"The checkpoint in {ck} does not hold this run's {len(trainable)} trainable tensors "
+                            "(and evaluation EMA); it belongs to another spec: use another --out.")
         with torch.no_grad():
             for i, p in enumerate(trainable):
                 p.copy_(params[f"p{i}"])
+        if self.eval_ema is not None:
+            self.eval_ema.load_state_dict([params[f"e{i}"] for i in range(len(trainable))])
         self.ctx.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_state_dict(state["objective"])
         self.meter.restore(info["cost"])
@@ -276,6 +296,7 @@ class Engine:
             while not self._over_budget(step):
                 self._train_step(step)
                 step += 1
+                self._update_eval_ema(step)
                 self.progress.advance(task, 1, description=f"train (reward {self._last_reward:.3f})")
                 if self.spec.eval.every and step % self.spec.eval.every == 0:
                     self._evaluate(step, f"step{step:05d}")
@@ -284,7 +305,8 @@ class Engine:
             self.progress.finish(task)
             final = self._evaluate(step, "final")
             if self.main:
-                self.backbone.save_trainable(self.run_dir / "weights")
+                with self._eval_weights():
+                    self.backbone.save_trainable(self.run_dir / "weights")
         result = {
             "status": "finished",
             "spec": self.r.resolved_dict(),

@@ -41,6 +41,15 @@ class Budget(_Strict):
         return self
 
 
+class EvalEma(_Strict):
+    """A slow EMA of the trainable weights, used for evaluation and the exported weights
+    (Flow-GRPO's and DGPO's released code: decay 0.9, updated every 8 optimizer steps)."""
+
+    decay: float = Field(0.9, gt=0, lt=1)
+    every: int = Field(8, ge=1)
+    """Update after every N optimizer steps, with decay min(decay, (1 + k) / (10 + k)) at step k."""
+
+
 class EvalSpec(_Strict):
     """The evaluation protocol, owned by the engine and identical for every objective."""
 
@@ -54,6 +63,8 @@ class EvalSpec(_Strict):
     batch_size: int = 64
     grid: int = 16
     """Number of held-out prompts drawn in the sample grid PNG."""
+    ema: EvalEma | None = None
+    """Evaluate and export a slow EMA of the weights (None: the current weights)."""
 
 
 class PromptFiles(_Strict):

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from dgpo_bench.contracts import Objective, OptimizerOptions, RolloutBatch, StepOutput, TrainContext
+from dgpo_bench.ema import WeightEma
 
 from .advantages import local_advantages
-from .ema import WeightEma
 from .training import micro_batches, reduce_metrics, velocity_mse
 
 

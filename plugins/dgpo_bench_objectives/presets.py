@@ -15,10 +15,13 @@ from typing import Any
 
 SD3_SAMPLING = {"steps": 10, "guidance_scale": 4.5, "shift": 3.0}
 OPTIMIZER = {"lr": 3e-4, "weight_decay": 1e-4, "grad_clip": 1.0}
+EVAL_EMA = {"decay": 0.9, "every": 8}
+"""Both released codebases evaluate and export a slow EMA of the LoRA weights."""
 
 
 def _preset(objective: str, objective_options: dict[str, Any], sampler: str, sampler_options: dict[str, Any],
-            group_size: int, prompts_per_step: int, backbone_options: dict[str, Any] | None = None) -> dict[str, Any]:
+            group_size: int, prompts_per_step: int, backbone_options: dict[str, Any] | None = None,
+            eval_ema: dict[str, Any] | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "objective": {"name": objective, "options": objective_options},
         "sampler": {"name": sampler, "options": sampler_options},
@@ -27,6 +30,8 @@ def _preset(objective: str, objective_options: dict[str, Any], sampler: str, sam
     }
     if backbone_options:
         spec["backbone"] = {"options": backbone_options}
+    if eval_ema:
+        spec["eval"] = {"ema": eval_ema}
     return spec
 
 
@@ -34,18 +39,19 @@ def _dgpo(beta_dpo: float, beta_kl: float, clip: float, trunc: int, global_std: 
           group_size: int) -> dict[str, Any]:
     opts = {**OPTIMIZER, "beta_dpo": beta_dpo, "beta_kl": beta_kl, "clip_range": clip, "trunc_steps": trunc,
             "num_timesteps": 4, "global_std": global_std, "ema_rollout_after": switch}
-    return _preset("dgpo", opts, "dpm-solver", SD3_SAMPLING, group_size, 8, {"lora_rank": 64, "lora_alpha": 128})
+    return _preset("dgpo", opts, "dpm-solver", SD3_SAMPLING, group_size, 8, {"lora_rank": 64, "lora_alpha": 128},
+                   EVAL_EMA)
 
 
 def _flow_grpo(beta_kl: float) -> dict[str, Any]:
     opts = {**OPTIMIZER, "beta_kl": beta_kl, "clip_range": 1e-4, "timestep_fraction": 0.99, "global_std": True}
     return _preset("flow-grpo", opts, "flow-sde", {**SD3_SAMPLING, "noise_level": 0.7}, 24, 24,
-                   {"lora_rank": 32, "lora_alpha": 64})
+                   {"lora_rank": 32, "lora_alpha": 64}, EVAL_EMA)
 
 
 def _dpo() -> dict[str, Any]:
     return _preset("diffusion-dpo", {**OPTIMIZER, "beta": 100.0}, "dpm-solver", SD3_SAMPLING, 16, 8,
-                   {"lora_rank": 64, "lora_alpha": 128})
+                   {"lora_rank": 64, "lora_alpha": 128}, EVAL_EMA)
 
 
 PUBLISHED: dict[str, tuple[dict[str, Any], str]] = {

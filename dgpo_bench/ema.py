@@ -1,4 +1,4 @@
-"""Exponential moving averages of the trainable weights (DGPO's fast EMA)."""
+"""Exponential moving averages of trainable weights (DGPO's fast EMA, the evaluation EMA)."""
 
 from __future__ import annotations
 
