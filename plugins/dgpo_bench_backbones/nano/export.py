@@ -63,14 +63,8 @@ def _cpu_name() -> str:
     return "unknown"
 
 
-NOTES = """Notes: the run was launched with `--threads 1`, stopped and continued with `--resume` (state of the
-latest checkpoint: weights, EMA, optimizer, data and noise RNGs) to lower the periodic evaluation size
-and, at step 1500 for text / 250 for shapes, with `--reset-ema`: the plain 0.999 EMA from a random init
-lagged far behind the weights (EMA samples were pure noise at step 1250 while the raw model's loss was
-0.10), so the EMA was restarted from the current weights and now uses the warm-up decay
-min(0.999, (1+n)/(10+n)), which is the default of `pretrain` (a fresh run reproduces the recipe without
-any resume).  The 2-core machine was shared with several other jobs, so minutes are not comparable
-to an idle machine; budget in steps."""
+NOTES = """The 2-core machine was shared with other jobs, so minutes are not comparable to an idle
+machine; budget in steps."""
 
 
 def write_pretrain_md(dst: Path, ckpt: Path, summary: dict, bench_res: dict | None = None,
@@ -123,7 +117,7 @@ def write_pretrain_md(dst: Path, ckpt: Path, summary: dict, bench_res: dict | No
     (dst / "PRETRAIN.md").write_text("\n".join(lines) + "\n")
 
 
-def ship(path: str | Path, n: int = 512, threads: int = 2, with_bench: bool = False) -> Path:
+def ship(path: str | Path, n: int = 512, threads: int = 2, with_bench: bool = False, notes: str = NOTES) -> Path:
     path = Path(path)
     model = load_nano(path)
     world = model.config.world
@@ -143,7 +137,7 @@ def ship(path: str | Path, n: int = 512, threads: int = 2, with_bench: bool = Fa
     if bench_res:
         summary["bench"] = bench_res
     (dst / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_pretrain_md(dst, path, summary, bench_res)
+    write_pretrain_md(dst, path, summary, bench_res, notes)
     print(json.dumps(summary, indent=2))
     return dst
 
@@ -193,6 +187,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--guidance-scale", type=float, default=None)
     ap.add_argument("--bench", action="store_true", help="ship: also time a 16-image group and a train step")
+    ap.add_argument("--notes", default=NOTES, help="ship: the history of the run, for PRETRAIN.md")
     a = ap.parse_args(argv)
     for p in a.paths:
         if a.cmd == "eval":
@@ -204,7 +199,7 @@ def main(argv=None):
         elif a.cmd == "ceiling":
             print(json.dumps({"world": p, **ceiling(p, n=a.n)}), flush=True)
         else:
-            ship(p, n=a.n, threads=a.threads, with_bench=a.bench)
+            ship(p, n=a.n, threads=a.threads, with_bench=a.bench, notes=a.notes)
 
 
 if __name__ == "__main__":
