@@ -25,6 +25,7 @@ def _main(capsys, *argv):
     (["run", "--backbone", "nano", "-o", "nano.weights=/no/such/dir", "--steps", "1"], "/no/such/dir"),
     (["eval", "/no/such/run", "--reward", "ocr"], "not a run directory"),
     (["compare", "/no/such/dir"], "does not exist"),
+    (["compare", "/no/such/[base]"], "/no/such/[base] does not exist"),  # brackets are not markup
     (["run", "--nope"], "No such option: --nope"),
 ])
 def test_user_errors_are_one_sentence_and_exit_2(capsys, argv, needle):
