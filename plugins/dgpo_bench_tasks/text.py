@@ -1,10 +1,13 @@
 """Text-rendering world (Flow-GRPO OCR-like), procedurally generated, nothing downloaded.
 
-Prompts such as ``a sign that says "cargo"``; the target is a single word or a
-two-word phrase from an offline vocabulary (frequent lower-case tokens of the
+Prompts such as ``a sign that says "cargo"``; the target is a single word (3-8 letters)
+or, one time in four, a two-word phrase from an offline vocabulary (frequent lower-case tokens of the
 Python standard library source, frozen in ``data/vocab.txt``).  Images are
-32x128 RGB renders with Pillow's bundled font at a random size, position
-jitter, a dark text colour and a light background colour.
+32x128 RGB renders with Pillow's bundled font at a random size (up to 4 px under the
+largest that fits), position jitter, a dark text colour and a light background colour.
+Calibrated so a CPU-pretrained 2.5M-parameter model lands mid-range: with half the
+targets two-word phrases of up to 13 characters and sizes from 16 px, 4750 steps
+left the held-out OCR score at 0.05.
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ VOCAB_FILE = DATA_DIR / "vocab.txt"
 HEIGHT, WIDTH = 32, 128
 MIN_FONT, MAX_FONT = 14, 24
 MARGIN = 4  # px kept free left/right
-MAX_PHRASE_LEN = 13  # characters including the space
+SIZE_SPREAD = 4  # px below the largest fitting font size
+P_PAIR = 0.25  # share of two-word targets
+MAX_PHRASE_LEN = 11  # characters including the space
 VOCAB_SIZE = 4000
 HELDOUT_FRACTION = 0.1
 SPLIT_SEED = 1234
@@ -106,7 +111,7 @@ def word_split() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return train, held
 
 
-def sample_target(rng: np.random.Generator, words, p_pair: float = 0.5) -> str:
+def sample_target(rng: np.random.Generator, words, p_pair: float = P_PAIR) -> str:
     if rng.random() < p_pair:
         for _ in range(100):
             a, b = words[rng.integers(len(words))], words[rng.integers(len(words))]
@@ -171,7 +176,7 @@ def render_text(
     """Render ``text`` into a uint8 HxWx3 image.
 
     With ``rng`` None: centred, largest fitting font, black on white.  With an rng:
-    random font size in [MIN_FONT, largest fitting], random position inside the
+    random font size in [largest fitting - SIZE_SPREAD, largest fitting], random position inside the
     free space, dark random text colour, light random background colour.
     """
     from PIL import Image, ImageDraw
@@ -182,7 +187,7 @@ def render_text(
         fg = fg or (0, 0, 0)
         bg = bg or (255, 255, 255)
     else:
-        size = font_size or int(rng.integers(min(MIN_FONT + 2, smax), smax + 1))
+        size = font_size or int(rng.integers(max(MIN_FONT, smax - SIZE_SPREAD), smax + 1))
         fg = fg or tuple(int(v) for v in rng.integers(0, 100, size=3))
         bg = bg or tuple(int(v) for v in rng.integers(205, 256, size=3))
     font = _font(size)
