@@ -7,7 +7,6 @@ messages go to stderr. User errors print one sentence and exit with code 2.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 from datetime import datetime
@@ -21,7 +20,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import DgpoBenchError, PluginLoadError
-from .plugins import Components, get_plugin_manager, load_components
+from .plugins import Components, get_plugin_manager, load_components, plugins_dirs_from_env
 
 out = Console()
 err = Console(stderr=True)
@@ -85,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
     try:
-        dirs = [Path(p) for p in os.environ.get("DGPO_BENCH_PLUGINS_DIR", "").split(os.pathsep) if p]
-        pm = get_plugin_manager(plugins_dirs=dirs, strict="--strict-plugins" in argv)
+        pm = get_plugin_manager(plugins_dirs=plugins_dirs_from_env(), strict="--strict-plugins" in argv)
         app = build_app(pm)
         code = app(args=argv, prog_name="dgpo-bench", standalone_mode=False)
         if code == 130:  # typer (non-standalone) turns Ctrl-C into this exit code

@@ -192,6 +192,8 @@ def register_core_commands(app: typer.Typer, state) -> None:
                                                                     "-o sd3.path=/models/sd35m; repeatable."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Resolve every cell, list them with their status, "
                                                               "and exit."),
+        jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Cells run at once, each in its own process with "
+                                                                "an equal share of the CPU threads."),
     ) -> None:
         """Run every cell of a suite at equal budget; finished cells are skipped, interrupted ones resume."""
         from .errors import SuiteError
@@ -200,7 +202,7 @@ def register_core_commands(app: typer.Typer, state) -> None:
         comps = state.components()
         suite = load_suite(suite_file, option)
         report = run_suite(suite, comps, out_dir or Path("runs") / suite.name, only=only, dry_run=dry_run,
-                           console=err)
+                           console=err, jobs=jobs)
         if report.failed:
             first = report.failed[0]
             raise SuiteError(f"{len(report.failed)} of {len(report.cells)} cells of suite '{suite.name}' failed "

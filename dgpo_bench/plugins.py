@@ -63,6 +63,11 @@ def _env_list(name: str) -> list[str] | None:
     return None if raw is None else [p.strip() for p in raw.split(",") if p.strip()]
 
 
+def plugins_dirs_from_env() -> list[Path]:
+    """Folders of one-off plugin files named by ``DGPO_BENCH_PLUGINS_DIR`` (os.pathsep-separated)."""
+    return [Path(p) for p in os.environ.get("DGPO_BENCH_PLUGINS_DIR", "").split(os.pathsep) if p]
+
+
 def get_plugin_manager(*, load_entrypoints: bool = True, plugins: Iterable[object] = (),
                        plugins_dirs: Iterable[Path] = (), strict: bool = False) -> pluggy.PluginManager:
     """A fresh plugin manager; failed plugins are recorded in ``pm.dgpo_failures``.

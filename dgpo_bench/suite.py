@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
 import time
 import tomllib
@@ -295,8 +296,8 @@ def _budget_text(budget: dict[str, Any]) -> str:
 
 
 def run_suite(suite: Suite, comps: Components, out_dir: Path, *, only: list[str] = (), dry_run: bool = False,
-              console=None) -> SuiteReport:
-    """Run every cell one after another; finished cells are skipped, checkpointed ones resume,
+              console=None, jobs: int = 1) -> SuiteReport:
+    """Run every cell, ``jobs`` at a time; finished cells are skipped, checkpointed ones resume,
     and a failing cell is reported while the others go on."""
     from rich.console import Console
 
@@ -325,11 +326,14 @@ def run_suite(suite: Suite, comps: Components, out_dir: Path, *, only: list[str]
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(out_dir / "suite.toml", suite.path.read_bytes())
-    reports: list[CellReport] = []
-    for i, cell in enumerate(cells, 1):
-        reports.append(_run_cell(cell, out_dir, comps, f"[{i}/{len(cells)}] {cell.name}", budget, console, main))
-        if main:
-            _write_status(out_dir, suite, reports)
+    if jobs > 1 and PartialState().num_processes == 1:
+        reports = _run_parallel(suite, cells, out_dir, jobs, budget, console)
+    else:
+        reports = []
+        for i, cell in enumerate(cells, 1):
+            reports.append(_run_cell(cell, out_dir, comps, f"[{i}/{len(cells)}] {cell.name}", budget, console, main))
+            if main:
+                _write_status(out_dir, suite, reports)
     report = SuiteReport(suite.name, out_dir, reports)
     rows = [(r.cell, r.status, f"{r.seconds:.0f} s" if r.seconds else "", r.error or "") for r in reports]
     _print_cells(console, f"suite '{suite.name}' in {out_dir}", rows, ("cell", "status", "time", "error"))
@@ -338,8 +342,46 @@ def run_suite(suite: Suite, comps: Components, out_dir: Path, *, only: list[str]
     return report
 
 
+def _run_parallel(suite: Suite, cells: list[Cell], out_dir: Path, jobs: int, budget: str,
+                  console) -> list[CellReport]:
+    """Cells in ``jobs`` worker processes, the CPU threads split between them."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    console.print(f"running {len(cells)} cells, {jobs} at a time with {threads} CPU thread(s) each")
+    done: dict[str, CellReport] = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(_cell_worker, str(suite.path), suite.overrides, c.name, str(out_dir),
+                               f"[{i}/{len(cells)}] {c.name}", budget) for i, c in enumerate(cells, 1)]
+        for fut in as_completed(futures):
+            report = fut.result()
+            done[report.cell] = report
+            _write_status(out_dir, suite, [done[c.name] for c in cells if c.name in done])
+    return [done[c.name] for c in cells]
+
+
+def _worker_init(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _cell_worker(suite_path: str, overrides: list[str], name: str, out_dir: str, head: str,
+                 budget: str) -> CellReport:
+    from rich.console import Console
+
+    from .plugins import get_plugin_manager, load_components, plugins_dirs_from_env
+
+    comps = load_components(get_plugin_manager(plugins_dirs=plugins_dirs_from_env()))
+    cell = next(c for c in load_suite(Path(suite_path), overrides).cells(comps) if c.name == name)
+    return _run_cell(cell, Path(out_dir), comps, head, budget, Console(stderr=True), True, progress=False)
+
+
 def _run_cell(cell: Cell, out_dir: Path, comps: Components, head: str, budget: str, console,
-              main: bool) -> CellReport:
+              main: bool, progress: bool = True) -> CellReport:
     """Skip a finished cell (if its spec still matches), else run or resume it; never raise
     for a cell's own failure."""
     from .engine import Engine
@@ -359,7 +401,8 @@ def _run_cell(cell: Cell, out_dir: Path, comps: Components, head: str, budget: s
                   f"{' (resuming)' if status == 'will resume' else ''}")
     t0 = time.perf_counter()
     try:
-        Engine(cell.resolved, run_dir, plugin_versions=comps.versions).run()
+        Engine(cell.resolved, run_dir, progress=progress, plugin_versions=comps.versions).run()
+        console.print(f"{head}: finished in {time.perf_counter() - t0:.0f} s")
         if main:
             (run_dir / "error.log").unlink(missing_ok=True)
         return CellReport(cell.name, run_dir, "resumed" if status == "will resume" else "ran",
