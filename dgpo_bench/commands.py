@@ -168,9 +168,11 @@ def register_core_commands(app: typer.Typer, state) -> None:
     ) -> None:
         """Compare finished runs in the paper's table format, with cost columns."""
         from .compare import build_table, render, write_plots
-        from .results import find_runs
+        from .results import find_runs, unfinished_runs
 
         runs = find_runs(paths)
+        for path in unfinished_runs(paths):
+            err.print(f"left out, not finished: {path}", highlight=False, soft_wrap=True)
         table = build_table(runs, target=target)
         fmt = "json" if as_json else fmt
         text = render(table, fmt)

@@ -164,6 +164,12 @@ def load_run(path: Path) -> RunRecord:
     return RunRecord(path, result, metrics)
 
 
+def unfinished_runs(paths: list[Path]) -> list[Path]:
+    """Run directories under ``paths`` with a spec but no result (running, interrupted or failed)."""
+    return sorted(s.parent for p in paths if p.is_dir() for s in p.rglob(SPEC_FILE)
+                  if not (s.parent / RESULT_FILE).is_file())
+
+
 def find_runs(paths: list[Path]) -> list[RunRecord]:
     """Finished runs under ``paths`` (each a run directory or a folder of them)."""
     runs: list[RunRecord] = []

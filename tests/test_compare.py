@@ -337,3 +337,15 @@ def test_a_target_the_base_model_already_reaches_is_flagged(suite_dir):
     assert any("base model already reaches the target" in n for n in section.notes)
     (section,) = build_table(find_runs([suite_dir]), target=0.51).sections
     assert section.notes == []
+
+
+def test_unfinished_runs_are_named_not_counted(suite_dir, capsys):
+    from dgpo_bench.cli import main
+
+    running = suite_dir / "dgpo" / "seed9"
+    running.mkdir()
+    (running / "spec.resolved.json").write_text("{}")
+    assert main(["compare", str(suite_dir), "--format", "json"]) == 0
+    cap = capsys.readouterr()
+    assert f"left out, not finished: {running}" in " ".join(cap.err.split())
+    assert all(len(r["scores"]["ocr"]["values"]) == 3 for r in json.loads(cap.out)["sections"][0]["rows"])
