@@ -60,6 +60,17 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _wrap(text: str, width: int, max_lines: int = 4) -> list[str]:
+    """A caption in at most ``max_lines`` lines of ``width`` characters ('…' when cut)."""
+    import textwrap
+
+    lines = textwrap.wrap(text, width, break_long_words=True) or [""]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: width - 1] + "…"
+    return lines
+
+
 def save_grid(path: Path, images: np.ndarray, captions: list[str] | None = None, cols: int = 4) -> None:
     """Tile uint8 images (B, H, W, 3) into one PNG, optionally captioned."""
     from PIL import Image, ImageDraw
@@ -67,7 +78,8 @@ def save_grid(path: Path, images: np.ndarray, captions: list[str] | None = None,
     b, h, w, _ = images.shape
     cols = max(1, min(cols, b))
     rows = (b + cols - 1) // cols
-    cap_h = 12 if captions else 0
+    lines = [_wrap(c, max(4, w // 6)) for c in captions] if captions else []
+    cap_h = 11 * max(map(len, lines)) + 1 if lines else 0
     pad = 2
     canvas = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + cap_h + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
@@ -76,7 +88,7 @@ def save_grid(path: Path, images: np.ndarray, captions: list[str] | None = None,
         x, y = pad + c * (w + pad), pad + r * (h + cap_h + pad)
         canvas.paste(Image.fromarray(images[i]), (x, y))
         if captions:
-            draw.text((x, y + h), captions[i][: max(4, w // 6)], fill="black")
+            draw.multiline_text((x, y + h), "\n".join(lines[i]), fill="black", spacing=1)
     import io
 
     buf = io.BytesIO()
