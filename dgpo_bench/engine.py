@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from .context import EngineContext, derive_seed, sample_seeds
-from .ema import WeightEma
 from .contracts import LoadContext, Prompt, Reward, RolloutBatch, SampleNoise, SampleOutput
+from .ema import WeightEma
 from .errors import MissingWeightsError, SpecError
 from .evaluation import EvalResult, evaluate, score_reward
 from .meters import CostMeter

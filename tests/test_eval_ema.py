@@ -1,23 +1,14 @@
 """The evaluation EMA (eval.ema): exported weights are the slow EMA of the trained ones."""
 
 import json
-import shutil
 
 import pytest
-
 import torch
 from safetensors.torch import load_file
 
-from test_suite import ROOT, bench, tiny_weights  # noqa: F401  (the suite test's tiny model fixture)
+from test_suite import bench
 
-
-@pytest.fixture(autouse=True)
-def sharpness_reward(tmp_path, monkeypatch):
-    """A reward that varies on a random tiny model (OCR reads nothing, so advantages would be 0)."""
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    shutil.copy(ROOT / "examples/dgpo-bench-sharpness/dgpo_bench_sharpness/__init__.py", plugins / "sharpness.py")
-    monkeypatch.setenv("DGPO_BENCH_PLUGINS_DIR", str(plugins))
+pytestmark = pytest.mark.usefixtures("sharpness_plugin")
 
 SPEC = """
 backbone = {{ name = "nano", options = {{ weights = "{weights}", autocast = "off" }} }}
@@ -46,7 +37,7 @@ def trained(tmp_path, capsys, weights, steps, ema=""):
     return load_file(str(out / "weights" / "transformer" / "diffusion_pytorch_model.safetensors")), out
 
 
-def test_exported_weights_are_the_warmed_up_slow_ema(tmp_path, capsys, tiny_weights):  # noqa: F811
+def test_exported_weights_are_the_warmed_up_slow_ema(tmp_path, capsys, tiny_weights):
     from dgpo_bench_backbones.nano.model import load_nano
 
     w0 = {k: v.float() for k, v in load_nano(tiny_weights).transformer.state_dict().items()}
@@ -64,14 +55,14 @@ def test_exported_weights_are_the_warmed_up_slow_ema(tmp_path, capsys, tiny_weig
     assert spec["eval"]["ema"] == {"decay": 0.5, "every": 1}
 
 
-def test_checkpoint_round_trips_the_ema(tmp_path, capsys, tiny_weights):  # noqa: F811
+def test_checkpoint_round_trips_the_ema(tmp_path, capsys, tiny_weights, sharpness_plugin):
     from dgpo_bench.engine import Engine
 
     _, run = trained(tmp_path, capsys, tiny_weights, 1, "ema = { decay = 0.5, every = 1 }")
     from dgpo_bench.plugins import get_plugin_manager, load_components
     from dgpo_bench.resolve import build_spec, resolve
 
-    comps = load_components(get_plugin_manager(plugins_dirs=[tmp_path / "plugins"]))
+    comps = load_components(get_plugin_manager(plugins_dirs=[sharpness_plugin]))
     data = json.loads((run / "spec.resolved.json").read_text())
     engines = []
     for i in range(2):

@@ -185,10 +185,6 @@ def test_shipped_suites_validate_without_weights(path, capsys, monkeypatch):
 
 # --------------------------------------------------------------------------- a tiny suite through the CLI
 
-TINY_NANO = dict(world="text", height=16, width=32, patch_size=4, num_layers=2, num_attention_heads=2,
-                 attention_head_dim=16, joint_attention_dim=32, pooled_projection_dim=32, text_max_len=12,
-                 text_layers=1, text_ff_mult=2)
-
 TINY_SUITE = """
 name = "tiny"
 seeds = [0, 1]
@@ -221,22 +217,6 @@ options = {{ sampler = {{ steps = 3 }} }}
 """
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    """A small randomly initialised nano checkpoint (the real model class, tiny sizes)."""
-    import torch
-    from dgpo_bench_backbones.nano.model import NanoConfig, NanoModel, save_nano
-
-    torch.manual_seed(0)
-    model = NanoModel(NanoConfig(**TINY_NANO))
-    with torch.no_grad():  # adaLN-zero output layers start at zero; give them weights
-        for p in model.transformer.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    path = tmp_path_factory.mktemp("tiny-nano") / "weights"
-    save_nano(model, path)
-    return path
-
-
 def interrupt_once(path, stop, timeout=900):
     """Ctrl-C the main thread as soon as ``path`` exists (unless ``stop`` is set first)."""
     deadline = time.monotonic() + timeout
@@ -255,11 +235,7 @@ def bench(capsys, *argv):
     return code, cap.out, " ".join(cap.err.split())
 
 
-def test_tiny_suite_runs_skips_recovers_and_compares(tmp_path, tiny_weights, capsys, monkeypatch):
-    plugins = tmp_path / "plugins"  # the example third-party reward as a one-off plugin file
-    plugins.mkdir()
-    shutil.copy(ROOT / "examples/dgpo-bench-sharpness/dgpo_bench_sharpness/__init__.py", plugins / "sharpness.py")
-    monkeypatch.setenv("DGPO_BENCH_PLUGINS_DIR", str(plugins))
+def test_tiny_suite_runs_skips_recovers_and_compares(tmp_path, tiny_weights, capsys, sharpness_plugin):
     suite = write(tmp_path, TINY_SUITE.format(weights=tiny_weights, prompts=4), "tiny.toml")
     out = tmp_path / "runs"
 
@@ -339,12 +315,8 @@ def test_tiny_suite_runs_skips_recovers_and_compares(tmp_path, tiny_weights, cap
     assert (out / "dgpo" / "seed0" / "result.json").read_bytes() == done
 
 
-def test_cells_in_parallel_match_cells_in_sequence(tmp_path, tiny_weights, capsys, monkeypatch):
+def test_cells_in_parallel_match_cells_in_sequence(tmp_path, tiny_weights, capsys, sharpness_plugin):
     """--jobs 2 runs cells in worker processes (one CPU thread each here) with the same results."""
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    shutil.copy(ROOT / "examples/dgpo-bench-sharpness/dgpo_bench_sharpness/__init__.py", plugins / "sharpness.py")
-    monkeypatch.setenv("DGPO_BENCH_PLUGINS_DIR", str(plugins))
     suite = write(tmp_path, TINY_SUITE.format(weights=tiny_weights, prompts=4), "tiny.toml")
     code, _, err = bench(capsys, "bench", str(suite), "--out", str(tmp_path / "seq"), "--only", "dgpo/seed1")
     assert code == 0, err
