@@ -157,13 +157,18 @@ def test_fast_ema_update_and_rollout_switch():
     decay = min(0.3, 0.001 * 100)
     for e, b, p in zip(obj.fast_ema.tensors, before, bb.trainable_parameters()):
         assert torch.allclose(e, decay * b + (1 - decay) * p.detach(), atol=1e-6)
-    ctx.step = 5
-    with obj.rollout_weights(ctx):
+    # as released (global_step > switch_ema_ref): steps 0..5 (0-based) roll out with the current weights
+    for k in range(8):
+        ctx.step = k
+        with obj.rollout_weights(ctx):
+            assert bb.role == ("ema" if k >= 6 else "policy"), k
+            if k >= 6:
+                assert all(torch.equal(p, e) for p, e in zip(bb.trainable_parameters(), obj.fast_ema.tensors))
+    never = Dgpo({"ema_rollout_after": None})
+    never.setup(ctx)
+    ctx.step = 10**6
+    with never.rollout_weights(ctx):
         assert bb.role == "policy"
-    ctx.step = 6
-    with obj.rollout_weights(ctx):
-        assert bb.role == "ema"
-        assert all(torch.equal(p, e) for p, e in zip(bb.trainable_parameters(), obj.fast_ema.tensors))
     restored = Dgpo({})
     make_context(bb, ctx.sampler, restored, G, 3)
     restored.load_state_dict(obj.state_dict())

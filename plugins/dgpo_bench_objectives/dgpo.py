@@ -7,7 +7,7 @@ the fast EMA; ``s_g = (beta_dpo / G) sum_g A_i stopgrad(L_i - L_i_ref)`` summed 
 process; loss ``mean_i(sigmoid(s_g) A_i L_i) + beta_kl mean_i(mean((v - v_ref)^2))`` with the
 trust region detaching ``L_i`` where ``rho_i = exp(L_i_old - L_i)`` leaves [1 - clip, 1 + clip]
 on the side the advantage pushes. The fast EMA (decay ``min(0.3, 0.001 step)``) drives
-rollouts after ``ema_rollout_after`` steps.
+the rollouts of every step whose index exceeds ``ema_rollout_after``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ class DgpoOptions(OptimizerOptions):
     reference: Literal["base", "fast-ema"] = "base"
     """Reference of the preference term: the frozen base model, or the fast EMA (dynamic reference)."""
     ema_rollout_after: int | None = Field(200, ge=0)
-    """Roll out with the fast EMA once the step index exceeds this (None: never)."""
+    """Roll out with the fast EMA once more than this many optimizer steps are done (None: never).
+    As released (``global_step > switch_ema_ref``): with 200, steps 0..200 (0-based, 201 rollouts) use
+    the current weights and step 201 is the first with the EMA."""
     fast_ema_max_decay: float = Field(0.3, ge=0, lt=1)
     fast_ema_decay_rate: float = Field(0.001, ge=0)
     """Fast-EMA decay at step k is min(fast_ema_max_decay, fast_ema_decay_rate * k)."""
@@ -86,8 +88,7 @@ class Dgpo(Objective):
         self.fast_ema = WeightEma(ctx.backbone.trainable_parameters())
 
     def rollout_weights(self, ctx: TrainContext) -> contextlib.AbstractContextManager:
-        after = self.options.ema_rollout_after
-        if after is not None and ctx.step > after:
+        if self._rolls_out_ema(ctx):
             return ctx.backbone.swapped_weights(self.fast_ema.tensors, role="ema")
         return contextlib.nullcontext()
 
@@ -217,5 +218,6 @@ class Dgpo(Objective):
         return ctx.group_sum((adv * (L - L_ref)).detach(), gids) * (self.options.beta_dpo / ctx.group_size)
 
     def _rolls_out_ema(self, ctx: TrainContext) -> bool:
+        """Whether step ``ctx.step`` (0-based, = optimizer steps done) rolls out with the fast EMA."""
         after = self.options.ema_rollout_after
         return after is not None and ctx.step > after
