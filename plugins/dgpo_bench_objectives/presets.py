@@ -2,11 +2,22 @@
 
 Published values follow ALGORITHMS.md and the authors' released configs: DGPO (LoRA r 64 /
 alpha 128, DPM-Solver++ 10 steps, CFG 4.5, shift 3, 8 groups per step), Flow-GRPO (LoRA r 32
-/ alpha 64, SDE 10 steps, noise 0.7, G 24; its released configs sample 48 groups per epoch
-and update twice, so 24 groups per optimizer step, with the global std on all three tasks),
-online Diffusion-DPO as DGPO's baseline (beta 100, lr 3e-4, LoRA, DGPO's rollouts). The
-nano presets start from NANO_NOTES.md (full fine-tuning, lr 1e-4, beta_dpo scaled up for
+/ alpha 64, SDE 10 steps, noise 0.7, G 24, the global std on all three tasks), online
+Diffusion-DPO as DGPO's baseline (beta 100, lr 3e-4, LoRA, DGPO's rollouts). The nano
+presets start from NANO_NOTES.md (full fine-tuning, lr 1e-4, beta_dpo scaled up for
 pixel-space losses) and are meant to be swept.
+
+Flow-GRPO's update schedule deviates from the release. Its configs sample 48 groups per
+epoch, take advantages over all 1152 rewards, shuffle each process's samples and make two
+optimizer steps per epoch, each on half of them with the log-probs stored at rollout, so
+the second step is off-policy: its ratio differs from 1 and the 1e-4 clip acts. The engine
+makes one optimizer step per objective step (budget.steps, eval.every, eval.ema.every and
+prompts_per_step all count optimizer steps); an objective that stepped twice would get
+twice the optimizer steps of a step budget and half the evaluation-EMA updates per
+optimizer step. These presets roll out 24 groups and step once on them instead: the same
+images, reward calls and optimizer steps per image as released, but every update is
+on-policy (ratio exactly 1, clip_frac 0: the clip never acts) and the advantages' global
+std covers 576 rewards, not 1152.
 """
 
 from __future__ import annotations
