@@ -49,6 +49,11 @@ class CostMeter:
             self.seconds[name] += time.perf_counter() - t0
             self._phase = outer
 
+    @property
+    def current_phase(self) -> str | None:
+        """The phase being timed now (None outside any)."""
+        return self._phase
+
     def add_nfe(self, role: str, n: int) -> None:
         if self._phase == "eval":
             self.eval_nfe += n

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from dgpo_bench.contracts import Backbone, Conditioning, Options
+from dgpo_bench.contracts import Backbone, Conditioning, Options, Prompt
 from dgpo_bench.errors import InvalidOptionsError
 
 from .checkpoints import CorruptWeightsError, corrupt, require_files
@@ -54,7 +54,8 @@ class TransformerOptions(Options):
     """bf16 autocast of the denoiser's forward (weights and losses stay in their dtype);
     'auto' turns it on for CUDA and for CPUs with native bf16 (AVX512-BF16 or AMX)."""
     prompt_cache: int = Field(65536, ge=0)
-    """How many encoded prompts to keep (least recently used are dropped); 0 disables the cache."""
+    """How many encoded training prompts to keep (least recently used are dropped). Prompts encoded
+    during evaluation are kept besides them for the whole run, never dropped. 0 disables both."""
 
 
 class TransformerBackbone(Backbone):
@@ -66,10 +67,14 @@ class TransformerBackbone(Backbone):
 
     Options = TransformerOptions
     transformer: torch.nn.Module
+    world: str | None = None
+    """The procedural world (dgpo_bench_tasks) the loaded model was trained on, e.g. nano's
+    'text'; its prompt sets are the backbone's default prompts. None: an open-domain model."""
 
     def __init__(self, options=None):
         super().__init__(options)
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._eval_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._frozen: torch.nn.Module | None = None
         self._trainable: list[torch.nn.Parameter] = []
         self._reference_depth = 0
@@ -115,17 +120,32 @@ class TransformerBackbone(Backbone):
         return self.options.lora_rank > 0
 
     # -- contract
+    def prompts(self, split: str) -> list[Prompt] | None:
+        if self.world is None:
+            return None
+        from dgpo_bench_tasks import load_prompts
+
+        return [Prompt(item["prompt"], item["metadata"]) for item in load_prompts(self.world, split)]
+
     def encode_prompts(self, texts: Sequence[str]) -> Conditioning:
+        """Encode with a per-text cache: an LRU of ``prompt_cache`` training prompts, and the prompts
+        encoded in the meter's 'eval' phase, kept apart for good (a held-out set larger than the LRU
+        would otherwise be evicted by training prompts and re-encoded at every evaluation)."""
         texts = list(texts)
-        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        new = [t for t in dict.fromkeys(texts) if t not in self._eval_cache and t not in self._cache]
         fresh: dict[str, dict[str, torch.Tensor]] = {}
         if new:
             with torch.no_grad():
                 enc = self._encode_uncached(new)
             fresh = {t: {k: v[i] for k, v in enc.items()} for i, t in enumerate(new)}
-        rows = [fresh.get(t) or self._cache[t] for t in texts]
+        rows = [fresh.get(t) or self._eval_cache.get(t) or self._cache[t] for t in texts]
         out = Conditioning({k: torch.stack([r[k] for r in rows]) for k in rows[0]})
         capacity = self.options.prompt_cache
+        if capacity and self.meter.current_phase == "eval":
+            for t, row in zip(texts, rows):
+                self._eval_cache[t] = row
+                self._cache.pop(t, None)
+            return out
         for t in texts:
             if t in self._cache:
                 self._cache.move_to_end(t)
