@@ -1,5 +1,6 @@
 """The sd3 backbone against a tiny random SD3.5-style pipeline built offline in a tmp folder."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,9 +10,11 @@ import shutil
 import pytest
 import torch
 
+from dgpo_bench.cli import main
 from dgpo_bench.context import EngineContext
 from dgpo_bench.contracts import LoadContext, Prompt, RolloutBatch
 from dgpo_bench.errors import InvalidOptionsError, MissingWeightsError
+from dgpo_bench.evaluation import evaluate
 from dgpo_bench.plugins import get_plugin_manager, load_components
 from dgpo_bench_backbones import plugin
 from dgpo_bench_backbones.checkpoints import CorruptWeightsError
@@ -133,6 +136,25 @@ def test_dgpo_step_changes_lora_and_reference_stays_base(folder):
     assert bb.meter.optimizer_steps == 1
 
 
+def test_held_out_prompts_stay_encoded_while_training_prompts_cycle(folder, monkeypatch):
+    from accelerate import Accelerator
+
+    bb = load(folder, prompt_cache=2)
+    calls = []
+    encode = bb._encode_uncached
+    monkeypatch.setattr(bb, "_encode_uncached", lambda texts: calls.append(texts) or encode(texts))
+    held_out = [Prompt(f'a sign that says "{w}"') for w in ("one", "two", "three")]
+    training = [[f'a sign that says "{r}{i}"' for i in range(3)] for r in "abc"]
+    for texts in training:  # evaluation, then a rollout of more prompts than the LRU holds
+        evaluate(bb, OdeEuler({"steps": 1}), {}, held_out, [0], 2, Accelerator(cpu=True))
+        with bb.meter.phase("rollout"):
+            bb.encode_prompts(texts)
+    assert calls == [[p.text for p in held_out[:2]], [""], [held_out[2].text], *training]
+    with bb.meter.phase("rollout"):
+        bb.encode_prompts(training[0][:1])  # evicted from the LRU of 2
+    assert calls[-1] == training[0][:1]
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(folder):
     grads = []
     for flag in (False, True):
@@ -162,6 +184,58 @@ def test_exported_lora_loads_into_a_plain_pipeline_and_changes_it(folder, tmp_pa
             "encoder_hidden_states"], pooled_projections=cond.tensors["pooled_projections"], return_dict=False)[0]
     torch.testing.assert_close(v, trained, rtol=1e-5, atol=1e-5)
     assert abs(pipe(PROMPTS, **call).images - plain).max() > 1e-3
+
+
+@pytest.mark.usefixtures("sharpness_plugin")
+@pytest.mark.parametrize("objective, sampler, options", [
+    ("dgpo", "dpm-solver", ["dgpo.num_timesteps=2", "dgpo.trunc_steps=2"]),
+    ("flow-grpo", "flow-sde", ["flow-grpo.timestep_fraction=0.5"]),
+])
+def test_cli_run_trains_and_exports_the_lora_that_eval_and_diffusers_reload(folder, tmp_path, capsys, objective,
+                                                                             sampler, options):
+    from safetensors.torch import load_file
+
+    sd3 = {"path": folder, "dtype": "fp32", "resolution": 32, "lora_rank": 4, "lora_alpha": 8}
+    flags = [f"sd3.{k}={v}" for k, v in sd3.items()] + ["sampler.steps=3", "eval-sampler.steps=2",
+                                                         f"{objective}.lr=1e-2", *options]
+    run = tmp_path / "run"
+    code = main(["run", "--backbone", "sd3", "--objective", objective, "--sampler", sampler,
+                 "--reward", "ocr=1,sharpness=0.1", "--steps", "1", "--group-size", "2", "--prompts-per-step", "2",
+                 "--eval-prompts", "2", *[a for f in flags for a in ("-o", f)], "--out", str(run), "--json"])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    result = json.loads(cap.out)
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    assert len(train) == 1 and train[0]["reward_std"] > 0 and train[0]["cost"]["optimizer_steps"] == 1
+
+    # the exported LoRA moved away from the seeded init (whose B factors are zero)
+    init = load(folder)
+    init.save_trainable(tmp_path / "init")
+    before = load_file(str(tmp_path / "init" / "pytorch_lora_weights.safetensors"))
+    after = load_file(str(run / "weights" / "pytorch_lora_weights.safetensors"))
+    unchanged = {k for k in after if torch.equal(after[k], before[k])}
+    # A and B of 8 projections in 2 blocks, less the last block's to_add_out (it has no context output)
+    assert after.keys() == before.keys() and len(after) == 2 * 2 * len(init.options.lora_target_modules) - 2
+    assert unchanged == {"transformer.transformer_blocks.1.attn.add_q_proj.lora_B.weight"}  # unused, grad 0
+
+    # 'eval RUN_DIR' rebuilds the sd3 backbone from the run's spec and reloads those weights
+    assert main(["eval", str(run), "--prompts", "2", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores == pytest.approx(result["tuned"], abs=1e-6)
+    assert scores["sharpness"] != pytest.approx(result["base"]["sharpness"], abs=1e-9)
+
+    # and a plain diffusers pipeline takes them
+    pipe = pipeline(folder)
+    x, s = noise(seed=13), torch.tensor([700.0, 300.0])
+    cond = init.encode_prompts(PROMPTS).tensors
+    call = dict(hidden_states=x, timestep=s, encoder_hidden_states=cond["encoder_hidden_states"],
+                pooled_projections=cond["pooled_projections"], return_dict=False)
+    with torch.no_grad():
+        plain = pipe.transformer(**call)[0]
+        pipe.load_lora_weights(str(run / "weights"))
+        tuned = pipe.transformer(**call)[0]
+    assert (tuned - plain).abs().max() > 1e-4
 
 
 def test_missing_incomplete_and_corrupt_folders(folder, tmp_path, monkeypatch):
