@@ -17,7 +17,8 @@ TINY = ["--objective", "dgpo", "--reward", "ocr", "--steps", "2", "--group-size"
 
 
 def _run(cmd, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # CUDA hidden, so that on a one-GPU machine both processes stay on the CPU (gloo)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -33,7 +34,7 @@ def test_two_processes_match_one(tmp_path):
     cfg.write_text("log_samples = true\n[eval]\nbatch_size = 4\ngrid = 0\n")
     one, two = tmp_path / "one", tmp_path / "two"
     _run([str(BIN / "dgpo-bench"), "run", *TINY, "--config", str(cfg), "--out", str(one)], tmp_path)
-    # on a machine without CUDA, accelerate's multi-process launcher runs gloo on the CPU
+    # without CUDA, accelerate's multi-process launcher runs gloo on the CPU
     _run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", str(BIN / "dgpo-bench"), "run", *TINY,
           "--config", str(cfg), "--out", str(two)], tmp_path)
