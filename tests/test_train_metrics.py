@@ -1,0 +1,61 @@
+"""Each objective's step diagnostics reach metrics.jsonl: a tiny real run per objective."""
+
+import json
+import math
+
+import pytest
+
+from test_suite import bench
+
+pytestmark = pytest.mark.usefixtures("sharpness_plugin")
+
+SPEC = """
+backbone = {{ name = "nano", options = {{ weights = "{weights}", autocast = "off" }} }}
+objective = {{ name = "{objective}", options = {options} }}
+sampler = {{ name = "{sampler}", options = {{ steps = 3 }} }}
+rewards = [{{ name = "ocr" }}, {{ name = "sharpness" }}]
+group_size = 2
+prompts_per_step = 2
+[budget]
+steps = 3
+[eval]
+sampler = {{ name = "ode-euler", options = {{ steps = 2 }} }}
+prompts = 2
+batch_size = 2
+grid = 0
+"""
+
+RUNS = {
+    "dgpo": ("dpm-solver", "{ num_timesteps = 1, trunc_steps = 1, ema_rollout_after = 1 }",
+             {"kl", "clip_frac", "group_weight_mean", "ratio_mean", "ratio_min", "ratio_max"}),
+    "flow-grpo": ("flow-sde", "{}", {"kl", "clip_frac", "ratio_mean", "ratio_min", "ratio_max"}),
+    "diffusion-dpo": ("dpm-solver", "{}", {"implicit_acc", "loss"}),
+}
+
+
+def train_records(tmp_path, capsys, weights, objective):
+    sampler, options, _ = RUNS[objective]
+    cfg = tmp_path / f"{objective}.toml"
+    cfg.write_text(SPEC.format(weights=weights, objective=objective, options=options, sampler=sampler))
+    code, _, err = bench(capsys, "run", "--config", str(cfg), "--out", str(tmp_path / objective), "--json")
+    assert code == 0, err
+    lines = (tmp_path / objective / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == "train"]
+
+
+@pytest.mark.parametrize("objective", sorted(RUNS))
+def test_train_records_hold_the_objectives_diagnostics(tmp_path, capsys, tiny_weights, objective):
+    records = train_records(tmp_path, capsys, tiny_weights, objective)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        m = r["metrics"]
+        assert RUNS[objective][2] <= set(m), sorted(m)
+        assert all(math.isfinite(v) for v in m.values()), m
+        if objective == "dgpo":
+            assert 0 < m["group_weight_mean"] < 1 and m["ratio_min"] <= m["ratio_mean"] <= m["ratio_max"]
+        elif objective == "flow-grpo":  # one on-policy update per rollout
+            assert m["ratio_min"] == m["ratio_max"] == 1.0 and m["clip_frac"] == 0.0
+        else:
+            assert 0 <= m["implicit_acc"] <= 1
+    if objective == "dgpo":  # ema_rollout_after 1: steps 0 and 1 (0-based) roll out with the current weights
+        assert [r["metrics"]["rollout_ema"] for r in records] == [0.0, 0.0, 1.0]
