@@ -391,6 +391,11 @@ class Objective(Component):
     default_sampler: ClassVar[str] = "ode-euler"
     needs_trajectory: ClassVar[bool] = False
 
+    @classmethod
+    def check_sampler(cls, options: Options, sampler: type[Sampler], sampler_options: SamplerOptions) -> None:
+        """Refuse a rollout sampler setting this objective cannot train with (raise
+        ``IncompatibleComponentsError``); called by the resolver, before any model is built."""
+
     def setup(self, ctx: TrainContext) -> None:
         """Called once after the backbone is loaded (e.g. to copy EMA weights)."""
 

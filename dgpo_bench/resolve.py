@@ -91,6 +91,7 @@ def resolve(comps: Components, spec: RunSpec, notes: list[str] | None = None) ->
     if eval_sampler[0].requires:
         raise IncompatibleComponentsError(f"Sampler '{eval_sampler[0].name}' cannot evaluate: it requires "
                                           f"{sorted(eval_sampler[0].requires)}.")
+    objective[0].check_sampler(objective[1], *sampler)
     groupwise = [cls.name for cls, _, _ in rewards if cls.groupwise]
     if groupwise and spec.group_size < 2:
         raise IncompatibleComponentsError(f"Group-wise rewards {groupwise} need groups of at least 2 samples.")

@@ -17,6 +17,7 @@ def _main(capsys, *argv):
     (["run", "--objective", "dgpp", "--reward", "ocr", "--dry-run"], "Unknown objective 'dgpp'. Did you mean 'dgpo'"),
     (["run", "--reward", "orc", "--dry-run"], "Unknown reward 'orc'. Did you mean 'ocr'"),
     (["run", "--objective", "flow-grpo", "--sampler", "ode-euler", "--dry-run"], "needs a sampler that provides log_probs"),
+    (["run", "--objective", "flow-grpo", "-o", "sampler.noise_level=0", "--dry-run"], "'flow-sde' as set has none"),
     (["run", "-o", "dgpo.nope=1", "--dry-run"], "has no option 'nope'"),
     (["run", "-o", "dgpo.beta_kl", "--dry-run"], "COMPONENT.KEY=VALUE"),
     (["run", "-o", "pickle.x=1", "--dry-run"], "not a component of this run"),

@@ -92,6 +92,14 @@ def test_incompatible_pair_is_refused_before_loading(components):
         resolve(components, spec, notes)
     msg = str(info.value)
     assert "flow-grpo" in msg and "log_probs" in msg and "--sampler flow-sde" in msg
+    # an SDE sampler set up without a stochastic step below int(10 * 0.99) = 9 has nothing to train
+    for override in ("sampler.noise_level=0", "sampler.sde_window=[9,10]"):
+        spec, notes = build_spec(components, {"objective": {"name": "flow-grpo"}}, [override])
+        with pytest.raises(IncompatibleComponentsError, match=r"stochastic steps below 9 of 10, and sampler "
+                                                               r"'flow-sde' as set has none; .*timestep_fraction\.$"):
+            resolve(components, spec, notes)
+    spec, notes = build_spec(components, {"objective": {"name": "flow-grpo"}}, ["sampler.sde_window=[8,10]"])
+    assert resolve(components, spec, notes).sampler[1].sde_window == (8, 10)
 
 
 def test_default_sampler_and_auto_preset(components):

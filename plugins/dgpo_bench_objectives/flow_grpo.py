@@ -13,12 +13,25 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from dgpo_bench.contracts import (Objective, OptimizerOptions, RolloutBatch, StepOutput, StochasticSampler,
-                                  TrainContext)
-from dgpo_bench.errors import IncompatibleComponentsError, InvalidOptionsError
+from dgpo_bench.contracts import (Objective, OptimizerOptions, RolloutBatch, Sampler, SamplerOptions, StepOutput,
+                                  StochasticSampler, TrainContext)
+from dgpo_bench.errors import IncompatibleComponentsError
 
 from .advantages import local_advantages
 from .training import micro_batches, reduce_metrics
+
+
+def trained_steps(sampler: StochasticSampler, num_steps: int, timestep_fraction: float) -> list[int]:
+    """Indices k of the transitions trained on: the stochastic steps below int(T * fraction)."""
+    last = int(num_steps * timestep_fraction)
+    steps = [k for k in sampler.stochastic_steps(num_steps) if k < last]
+    if not steps:
+        raise IncompatibleComponentsError(
+            f"Objective 'flow-grpo' trains the stochastic steps below {last} of {num_steps}, and sampler "
+            f"'{sampler.name}' as set has none; use noise_level > 0 and an sde_window (if any) that starts below "
+            f"{last}, or raise flow-grpo.timestep_fraction."
+        )
+    return steps
 
 
 class FlowGrpoOptions(OptimizerOptions):
@@ -45,23 +58,15 @@ class FlowGrpo(Objective):
     default_sampler = "flow-sde"
     needs_trajectory = True
 
-    def setup(self, ctx: TrainContext) -> None:
-        if not isinstance(ctx.sampler, StochasticSampler):
+    @classmethod
+    def check_sampler(cls, options: FlowGrpoOptions, sampler: type[Sampler],
+                      sampler_options: SamplerOptions) -> None:
+        if not issubclass(sampler, StochasticSampler):
             raise IncompatibleComponentsError(
-                f"Objective 'flow-grpo' re-scores stochastic steps, which sampler '{ctx.sampler.name}' "
+                f"Objective 'flow-grpo' re-scores stochastic steps, which sampler '{sampler.name}' "
                 "cannot do; use --sampler flow-sde."
             )
-
-    def trained_steps(self, ctx: TrainContext, num_steps: int) -> list[int]:
-        """Indices k of the transitions trained on."""
-        last = int(num_steps * self.options.timestep_fraction)
-        steps = [k for k in ctx.sampler.stochastic_steps(num_steps) if k < last]
-        if not steps:
-            raise InvalidOptionsError(
-                f"flow-grpo trains the stochastic steps below {last} of {num_steps}, and the sampler has none; "
-                "raise timestep_fraction or move the sampler's sde_window."
-            )
-        return steps
+        trained_steps(sampler(sampler_options), sampler_options.steps, options.timestep_fraction)
 
     def train_step(self, batch: RolloutBatch, ctx: TrainContext) -> StepOutput:
         o, bb, sampler = self.options, ctx.backbone, ctx.sampler
@@ -69,7 +74,7 @@ class FlowGrpo(Objective):
         adv = local_advantages(batch, ctx, global_std=o.global_std, clip=o.adv_clip).to(device)
         traj, old = batch.trajectory, batch.log_probs.to(device)
         n, g = len(batch), batch.guidance_scale
-        steps = self.trained_steps(ctx, old.shape[1])
+        steps = trained_steps(sampler, old.shape[1], o.timestep_fraction)
         chunks = micro_batches(n, o.micro_batch_size)
         ratios, clipped, approx_kl, kls, policy = [], [], [], [], torch.zeros(())
         for k in steps:
