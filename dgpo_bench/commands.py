@@ -68,7 +68,7 @@ def register_core_commands(app: typer.Typer, state) -> None:
                              steps, seed, preset, eval_prompts, eval_every, config)
         spec, notes = build_spec(comps, user, option, source=str(config) if config else "the command line")
         resolved = resolve(comps, spec, notes)
-        for note in notes:
+        for note in resolved.notes:
             err.print(f"[dim]{note}[/]")
         if dry_run:
             print_json(resolved.resolved_dict())

@@ -200,6 +200,11 @@ class Backbone(Component):
     def train(self, mode: bool = True) -> None:
         """Switch dropout/normalisation modes of the trainable modules."""
 
+    def prompts(self, split: str) -> list[Prompt] | None:
+        """Default prompts for ``split`` ('train' or 'eval'), used when no reward ships any and no
+        prompt file is given; None if the loaded model has none."""
+        return None
+
     # -- shared behaviour
     @property
     def role(self) -> str:
@@ -427,6 +432,9 @@ class Reward(Component):
     """If True, ``score`` is called with one complete group at a time."""
     world: ClassVar[str | None] = None
     """The prompt world whose prompt sets this reward ships (``prompts``)."""
+    declared_at_load: ClassVar[bool] = False
+    """True if ``world``, ``groupwise``, ``higher_is_better`` and ``score_range`` are only known
+    once loaded (e.g. read from a server): the engine then checks them on the loaded instance."""
 
     def load(self, ctx: LoadContext) -> None:
         """Build heavy state (models, worker pools)."""

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from .context import EngineContext, derive_seed, sample_seeds
-from .contracts import LoadContext, Prompt, Reward, RolloutBatch, SampleNoise, SampleOutput
+from .contracts import Backbone, LoadContext, Prompt, Reward, RolloutBatch, SampleNoise, SampleOutput
 from .ema import WeightEma
 from .errors import MissingWeightsError, SpecError
 from .evaluation import EvalResult, evaluate, score_reward
 from .meters import CostMeter
 from .progress import ProgressReporter
-from .resolve import Resolved
+from .resolve import Resolved, default_prompts_note, prompt_world
 from .results import METRICS_FILE, RESULT_FILE, SPEC_FILE, append_jsonl, environment, save_grid, write_json
 
 CHECKPOINT_DIR = "checkpoint"
@@ -44,6 +44,16 @@ def load_prompt_file(path: str) -> list[Prompt]:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise SpecError(f"Prompt file {p} must hold one JSON object with a 'prompt' key per line.") from None
     return [Prompt(ln.strip()) for ln in lines]
+
+
+def backbone_prompts(backbone: Backbone, split: str) -> list[Prompt]:
+    """The loaded backbone's default prompts for ``split``; refuses a backbone without any."""
+    prompts = backbone.prompts(split)
+    if not prompts:
+        raise SpecError(f"No reward here ships prompts and backbone '{backbone.name}' has no default prompts; add a "
+                        "reward that ships them (e.g. ocr) or, for a run, give prompts.train and prompts.eval files "
+                        "in a --config file.")
+    return prompts
 
 
 class Engine:
@@ -66,17 +76,13 @@ class Engine:
             raise SpecError(f"{n_img} images per step (group_size x prompts_per_step) do not split evenly over "
                             f"{self.acc.num_processes} processes; change group_size or prompts_per_step.")
         self.local = n_img // self.acc.num_processes
-        if any(cls.groupwise for cls, _, _ in resolved.rewards) and self.local % self.spec.group_size:
-            raise SpecError("Group-wise rewards need whole groups on every process; make group_size x "
-                            "prompts_per_step / processes a multiple of group_size.")
+        self.notes = list(resolved.notes)
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
         r, spec = self.r, self.spec
         torch.manual_seed(spec.seed)
         self.reward_objs: dict[str, Reward] = {}
-        world = r.rewards[0][0].world
-        load_ctx = LoadContext(device=self.acc.device, world=world, seed=spec.seed)
         for (cls, opts, _), ref in zip(r.rewards, spec.rewards):
             self.reward_objs[ref.name] = cls(opts)
         self.weights = {ref.name: w for (_, _, w), ref in zip(r.rewards, spec.rewards)}
@@ -86,23 +92,23 @@ class Engine:
                 self.reward_objs[ref.name] = cls(opts)
                 self.eval_names.append(ref.name)
         for reward in self.reward_objs.values():
-            reward.load(load_ctx)
-        # read from the loaded instances: a remote reward learns these from its server
-        self.eval_names = [n for n in self.eval_names if not self.reward_objs[n].groupwise]
-        first = self.reward_objs[spec.rewards[0].name]
-        self.train_prompts = (load_prompt_file(spec.prompts.train) if spec.prompts.train else first.prompts("train"))
-        eval_all = load_prompt_file(spec.prompts.eval) if spec.prompts.eval else first.prompts("eval")
+            reward.load(LoadContext(device=self.acc.device, world=r.world, seed=spec.seed))
+        source = self._check_loaded_rewards()
+        prompt_sets = {split: self._prompt_set(split, source) for split in ("train", "eval")}
+
+        b_cls, b_opts = r.backbone
+        self.backbone = b_cls(b_opts)
+        self.backbone.meter = self.meter
+        world = source.world if source else None
+        self.backbone.load(LoadContext(device=self.acc.device, world=world, seed=spec.seed))
+        self.train_prompts, eval_all = (backbone_prompts(self.backbone, split) if got is None else got
+                                        for split, got in prompt_sets.items())
         if len(eval_all) < spec.eval.prompts:
             self.progress.log(f"[yellow]only {len(eval_all)} held-out prompts available; using all of them")
         self.eval_prompts = eval_all[: spec.eval.prompts]
         if len(self.train_prompts) < spec.prompts_per_step:
             raise SpecError(f"The training prompt set has {len(self.train_prompts)} prompts, fewer than "
                             f"prompts_per_step={spec.prompts_per_step}; add prompts or lower prompts_per_step.")
-
-        b_cls, b_opts = r.backbone
-        self.backbone = b_cls(b_opts)
-        self.backbone.meter = self.meter
-        self.backbone.load(load_ctx)
         self.sampler = r.sampler[0](r.sampler[1])
         self.eval_sampler = r.eval_sampler[0](r.eval_sampler[1])
         o_cls, o_opts = r.objective
@@ -111,6 +117,30 @@ class Engine:
                                  spec.prompts_per_step)
         self.objective.setup(self.ctx)
         self.eval_ema = WeightEma(self.backbone.trainable_parameters()) if spec.eval.ema else None
+
+    def _check_loaded_rewards(self) -> Reward | None:
+        """World and group-wise checks on the loaded rewards (a remote one learns these from its
+        server); returns the first reward with a prompt world, the run's prompt source."""
+        objs, spec = self.reward_objs, self.spec
+        prompt_world([(n, objs[n].world) for n in self.weights],
+                     [(n, objs[n].world) for n in self.eval_names if n not in self.weights])
+        if any(objs[n].groupwise for n in self.weights) and self.local % spec.group_size:
+            raise SpecError("Group-wise rewards need whole groups on every process; make group_size x "
+                            "prompts_per_step / processes a multiple of group_size.")
+        self.eval_names = [n for n in self.eval_names if not objs[n].groupwise]
+        source = next((rw for rw in objs.values() if rw.world is not None), None)
+        unfilled = [split for split in ("train", "eval") if getattr(spec.prompts, split) is None]
+        if source is None and unfilled and any(type(rw).declared_at_load for rw in objs.values()):
+            self.notes.append(default_prompts_note(spec.backbone.name, unfilled))
+            self.progress.log(f"[dim]{self.notes[-1]}")
+        return source
+
+    def _prompt_set(self, split: str, source: Reward | None) -> list[Prompt] | None:
+        """Prompts of ``split`` from its file or the source reward; None: the backbone's defaults."""
+        path = getattr(self.spec.prompts, split)
+        if path:
+            return load_prompt_file(path)
+        return None if source is None else source.prompts(split)
 
     # ------------------------------------------------------------------ steps
     def _step_prompts(self, step: int) -> list[int]:
@@ -310,7 +340,7 @@ class Engine:
         result = {
             "status": "finished",
             "spec": self.r.resolved_dict(),
-            "notes": self.r.notes,
+            "notes": self.notes,
             "seed": self.spec.seed,
             "steps": step,
             "train_reward": self.spec.rewards[0].name,

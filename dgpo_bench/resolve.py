@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .contracts import Backbone, Objective, Options, Reward, Sampler
-from .errors import IncompatibleComponentsError, SpecError
+from .errors import IncompatibleComponentsError
 from .plugins import Components
 from .spec import ComponentRef, RunSpec, apply_option_overrides, deep_merge, validate_spec
 
@@ -22,6 +22,8 @@ class Resolved:
     eval_sampler: tuple[type[Sampler], Options]
     rewards: list[tuple[type[Reward], Options, float]]
     eval_rewards: list[tuple[type[Reward], Options]]
+    world: str | None = None
+    """The prompt world known before loading (None: no reward declares one, or one declares it at load)."""
     notes: list[str] = field(default_factory=list)
 
     def resolved_dict(self) -> dict[str, Any]:
@@ -92,25 +94,33 @@ def resolve(comps: Components, spec: RunSpec, notes: list[str] | None = None) ->
         raise IncompatibleComponentsError(f"Sampler '{eval_sampler[0].name}' cannot evaluate: it requires "
                                           f"{sorted(eval_sampler[0].requires)}.")
     objective[0].check_sampler(objective[1], *sampler)
-    groupwise = [cls.name for cls, _, _ in rewards if cls.groupwise]
-    if groupwise and spec.group_size < 2:
-        raise IncompatibleComponentsError(f"Group-wise rewards {groupwise} need groups of at least 2 samples.")
-    if spec.prompts.train is None and rewards[0][0].world is None:
-        raise SpecError(
-            f"Reward '{rewards[0][0].name}' ships no prompt set; pass prompt files with "
-            "prompts.train and prompts.eval in a --config file."
-        )
-    for r_cls, _, _ in rewards[1:]:
-        if r_cls.world not in (None, rewards[0][0].world):
+    # a reward that declares its world only once loaded is checked by the engine
+    world = prompt_world([(cls.name, cls.world) for cls, _, _ in rewards if not cls.declared_at_load],
+                         [(cls.name, cls.world) for cls, _ in eval_rewards if not cls.declared_at_load])
+    unfilled = [split for split in ("train", "eval") if getattr(spec.prompts, split) is None]
+    if world is None and unfilled and not any(cls.declared_at_load for cls, *_ in rewards + eval_rewards):
+        notes = [*(notes or []), default_prompts_note(spec.backbone.name, unfilled)]
+    return Resolved(spec, backbone, objective, sampler, eval_sampler, rewards, eval_rewards, world, notes or [])
+
+
+def prompt_world(train: list[tuple[str, str | None]], evals: list[tuple[str, str | None]]) -> str | None:
+    """The prompt world of the first reward (training, then evaluation) that has one; every other
+    reward must score that world or none. Pairs are (reward name, world)."""
+    first = next(((n, w) for n, w in train + evals if w is not None), None)
+    if first is None:
+        return None
+    for name, w in train:
+        if w not in (None, first[1]):
+            raise IncompatibleComponentsError(f"Rewards '{first[0]}' and '{name}' score different prompt worlds "
+                                              f"({first[1]} vs {w}); train on one world at a time.")
+    for name, w in evals:
+        if w not in (None, first[1]):
             raise IncompatibleComponentsError(
-                f"Rewards '{rewards[0][0].name}' and '{r_cls.name}' score different prompt worlds "
-                f"({rewards[0][0].world} vs {r_cls.world}); train on one world at a time."
-            )
-    world = rewards[0][0].world
-    for r_cls, _ in eval_rewards:
-        if r_cls.world not in (None, world):
-            raise IncompatibleComponentsError(
-                f"Evaluation reward '{r_cls.name}' scores the '{r_cls.world}' world but the run trains on "
-                f"'{world}' prompts; drop it from eval.rewards."
-            )
-    return Resolved(spec, backbone, objective, sampler, eval_sampler, rewards, eval_rewards, notes or [])
+                f"Evaluation reward '{name}' scores the '{w}' world but the run trains on '{first[1]}' "
+                "prompts; drop it from eval.rewards.")
+    return first[1]
+
+
+def default_prompts_note(backbone: str, splits: list[str]) -> str:
+    """The note that says a run falls back to its backbone's prompts for ``splits``."""
+    return f"no reward here ships prompts: using the default {' and '.join(splits)} prompts of backbone '{backbone}'"

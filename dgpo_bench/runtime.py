@@ -10,9 +10,11 @@ from typing import Any
 import torch
 
 from .contracts import Backbone, LoadContext, Prompt, Reward, Sampler
+from .engine import backbone_prompts
 from .errors import SpecError
 from .plugins import Components
 from .progress import ProgressReporter
+from .resolve import default_prompts_note, prompt_world
 from .results import SPEC_FILE
 from .spec import apply_option_overrides
 
@@ -49,28 +51,24 @@ def build_for_eval(comps: Components, run_dir: Path | None, backbone: str | None
         raise SpecError("No reward to score; pass --reward NAME (e.g. --reward ocr).")
     data = apply_option_overrides(data, overrides)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    reward_objs: dict[str, Reward] = {}
-    world = None
-    for ref in data["rewards"]:
-        cls = comps.rewards.get(ref["name"])
-        reward_objs[ref["name"]] = cls(ref.get("options"))
-        world = world or cls.world
-    first = next(iter(reward_objs.values()))
-    if world is None:
-        raise SpecError(f"Reward '{first.name}' ships no held-out prompts; score with a reward that does (e.g. ocr).")
+    reward_objs = {ref["name"]: comps.rewards.get(ref["name"])(ref.get("options")) for ref in data["rewards"]}
+    for r in reward_objs.values():
+        r.load(LoadContext(device=acc.device))
+    # worlds are read from the loaded rewards: a remote one learns its world from its server
+    prompt_world([(name, r.world) for name, r in reward_objs.items()], [])
+    source = next((r for r in reward_objs.values() if r.world is not None), None)
+    progress = ProgressReporter()
     b_cls = comps.backbones.get(data["backbone"]["name"])
     bb = b_cls(data["backbone"].get("options"))
     s_cls = comps.samplers.get(data["eval"]["sampler"]["name"])
     smp = s_cls(data["eval"]["sampler"].get("options"))
-    ctx = LoadContext(device=acc.device, world=world)
-    bb.load(ctx)
+    bb.load(LoadContext(device=acc.device, world=source.world if source else None))
     if run_dir is not None:
         weights = Path(run_dir) / "weights"
         if not weights.is_dir():
             raise SpecError(f"{run_dir} has no trained weights (weights/); the run did not finish.")
         bb.load_trainable(weights)
-    for r in reward_objs.values():
-        r.load(ctx)
-    source = next(r for r in reward_objs.values() if r.world == world)
-    prompts = source.prompts("eval")[: data["eval"]["prompts"]]
-    return EvalSession(bb, smp, reward_objs, prompts, acc, ProgressReporter())
+    if source is None:
+        progress.log(f"[dim]{default_prompts_note(bb.name, ['eval'])}")
+    prompts = source.prompts("eval") if source else backbone_prompts(bb, "eval")
+    return EvalSession(bb, smp, reward_objs, prompts[: data["eval"]["prompts"]], acc, progress)

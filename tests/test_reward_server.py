@@ -121,3 +121,53 @@ def test_module_entry_point_serves_and_stops_cleanly():
         np.testing.assert_array_equal(remote.score(images, prompts), np.ones(4))
     finally:
         assert stop_server(proc) == 0
+
+
+def tiny_run(weights) -> list[str]:
+    """One step of 4 images on the tiny nano checkpoint, 2-step samplers, 3 held-out prompts."""
+    return ["--objective", "dgpo", "--steps", "1", "--group-size", "2", "--prompts-per-step", "2",
+            "--eval-prompts", "3", "-o", f"nano.weights={weights}", "-o", "sampler.steps=2",
+            "-o", "eval-sampler.steps=2", "-o", "dgpo.num_timesteps=1", "-o", "dgpo.trunc_steps=1"]
+
+
+def test_runs_take_world_and_prompts_from_the_remote_rewards_server(ocr_server, tiny_weights, tmp_path, capsys):
+    from dgpo_bench.cli import main
+
+    remote = ["--reward", "remote", "-o", f"remote.url={ocr_server}", "-o", "remote.name=ocr"]
+    assert main(["run", *remote, "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["rewards"][0]["options"]["url"] == ocr_server
+
+    tiny = tiny_run(tiny_weights)
+    code = main(["run", *remote, *tiny, "--out", str(tmp_path / "run"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert set(result["tuned"]) == {"remote"} and 0.0 <= result["tuned"]["remote"] <= 1.0
+    shown = json.loads((tmp_path / "run" / "per_prompt.json").read_text())["prompts"]
+    assert shown == [p.text for p in OcrReward().prompts("eval")[:3]]  # the server's held-out prompts
+    assert "ships prompts" not in captured.err and result["steps"] == 1
+
+    # the server's world is checked against the other rewards' once the remote reward is loaded
+    config = tmp_path / "with-shapes.json"
+    config.write_text(json.dumps({"eval": {"rewards": [{"name": "compositional"}]}}))
+    code = main(["run", *remote, *tiny, "--config", str(config), "--out", str(tmp_path / "mixed")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2
+    assert "Evaluation reward 'compositional' scores the 'shapes' world but the run trains on 'text' prompts" in err
+
+
+def test_a_remote_reward_without_prompts_runs_on_the_backbones(sharpness_plugin, tiny_weights, tmp_path, capsys):
+    from dgpo_bench.cli import main
+
+    proc, url = start_server([str(CLI), "serve-reward", "sharpness"])  # finds the plugin through the env
+    try:
+        code = main(["run", "--reward", "remote", "-o", f"remote.url={url}", *tiny_run(tiny_weights),
+                     "--out", str(tmp_path / "run"), "--json"])
+    finally:
+        assert stop_server(proc) == 0
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    note = "no reward here ships prompts: using the default train and eval prompts of backbone 'nano'"
+    assert note in " ".join(captured.err.split())  # known only once the server has answered
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["notes"][-1] == note
+    assert 0.0 < json.loads(captured.out)["tuned"]["remote"] < 1.0

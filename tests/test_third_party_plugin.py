@@ -65,3 +65,26 @@ def test_pip_installed_plugin_is_listed_tested_and_trained_with(installed_exampl
     train = [m for m in metrics if m["type"] == "train"]
     assert set(train[0]["rewards"]) == {"ocr", "sharpness"}
     assert 0.0 < train[0]["rewards"]["sharpness"] < 1.0
+
+
+def test_a_reward_without_prompts_trains_alone_on_the_backbones_prompts(sharpness_plugin, tiny_weights, tmp_path,
+                                                                         capsys):
+    from dgpo_bench.cli import main
+    from dgpo_bench_tasks import load_prompts
+
+    run_dir = tmp_path / "run"
+    code = main(["run", "--objective", "dgpo", "--reward", "sharpness", "--steps", "1", "--group-size", "2",
+                 "--prompts-per-step", "2", "--eval-prompts", "3", "-o", f"nano.weights={tiny_weights}",
+                 "-o", "sampler.steps=2", "-o", "eval-sampler.steps=2", "-o", "dgpo.num_timesteps=1",
+                 "-o", "dgpo.trunc_steps=1", "--out", str(run_dir), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    note = "no reward here ships prompts: using the default train and eval prompts of backbone 'nano'"
+    assert note in " ".join(captured.err.split())
+    result = json.loads((run_dir / "result.json").read_text())
+    assert note in result["notes"] and set(result["tuned"]) == {"sharpness"}
+    # the tiny checkpoint is a 'text' world model: its held-out prompts are the text world's
+    shown = json.loads((run_dir / "per_prompt.json").read_text())["prompts"]
+    assert shown == [p["prompt"] for p in load_prompts("text", "eval")[:3]]
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 0.0 < next(m for m in metrics if m["type"] == "train")["rewards"]["sharpness"] < 1.0

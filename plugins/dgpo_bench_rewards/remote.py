@@ -42,6 +42,7 @@ class RemoteReward(Reward):
 
     name = "remote"
     Options = RemoteOptions
+    declared_at_load = True
 
     def load(self, ctx: LoadContext) -> None:
         info = self._request("GET", "/info")
