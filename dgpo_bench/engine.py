@@ -26,7 +26,8 @@ from .evaluation import EvalResult, evaluate, score_reward
 from .meters import CostMeter
 from .progress import ProgressReporter
 from .resolve import Resolved, default_prompts_note, prompt_world
-from .results import METRICS_FILE, RESULT_FILE, SPEC_FILE, append_jsonl, environment, save_grid, write_json
+from .results import (METRICS_FILE, RESULT_FILE, SPEC_FILE, append_jsonl, environment, replaced_atomically, save_grid,
+                      write_json)
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -246,23 +247,14 @@ class Engine:
             return
         from safetensors.torch import save_file
 
-        tmp = self.run_dir / f".{CHECKPOINT_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         params = {f"p{i}": p.detach().contiguous().cpu() for i, p in enumerate(self.backbone.trainable_parameters())}
         if self.eval_ema is not None:
             params.update({f"e{i}": t.contiguous().cpu() for i, t in enumerate(self.eval_ema.tensors)})
-        save_file(params, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": self.ctx.optimizer.state_dict(), "objective": self.objective.state_dict()},
-                   tmp / "state.pt")
-        write_json(tmp / "engine.json", {"step": step, "cost": self.meter.snapshot(), "base": base})
-        final = self.run_dir / CHECKPOINT_DIR
-        old = self.run_dir / f".{CHECKPOINT_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        with replaced_atomically(self.run_dir / CHECKPOINT_DIR) as tmp:
+            save_file(params, str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": self.ctx.optimizer.state_dict(), "objective": self.objective.state_dict()},
+                       tmp / "state.pt")
+            write_json(tmp / "engine.json", {"step": step, "cost": self.meter.snapshot(), "base": base})
 
     def _load_checkpoint(self) -> tuple[int, dict[str, float]] | None:
         ck = self.run_dir / CHECKPOINT_DIR
@@ -335,8 +327,8 @@ class Engine:
             self.progress.finish(task)
             final = self._evaluate(step, "final")
             if self.main:
-                with self._eval_weights():
-                    self.backbone.save_trainable(self.run_dir / "weights")
+                with self._eval_weights(), replaced_atomically(self.run_dir / "weights") as tmp:
+                    self.backbone.save_trainable(tmp)
         result = {
             "status": "finished",
             "spec": self.r.resolved_dict(),

@@ -61,3 +61,20 @@ def test_plugins_json_lists_every_kind(capsys):
     kinds = {r["kind"] for r in rows}
     assert {"backbone", "sampler", "objective", "reward", "preset"} <= kinds
     assert all(r["plugin"] and r["version"] for r in rows)
+
+
+def test_a_folder_replaced_atomically_is_kept_whole_when_writing_fails(tmp_path):
+    from dgpo_bench.results import replaced_atomically
+
+    folder = tmp_path / "weights"
+    for version in ("one", "two"):
+        with replaced_atomically(folder) as tmp:
+            assert tmp.parent == tmp_path and not any(tmp.iterdir())
+            (tmp / "w.bin").write_text(version)
+    with pytest.raises(OSError):
+        with replaced_atomically(folder) as tmp:
+            (tmp / "w.bin").write_text("half")
+            raise OSError("disk full")
+    assert [p.name for p in tmp_path.iterdir()] == ["weights"] and (folder / "w.bin").read_text() == "two"
+
+
