@@ -170,12 +170,15 @@ class Engine:
         step_noise = SampleNoise(sample_seeds(spec.seed, step, global_idx, "sde"), bb.device)
         chunk = spec.rollout_batch_size or self.local
         outs: list[SampleOutput] = []
+        bar = self.progress.task("rollout", self.local)
         with self.meter.phase("rollout"), torch.no_grad(), self.objective.rollout_weights(self.ctx):
             bb.train(False)
             for s in range(0, self.local, chunk):
                 sl = slice(s, s + chunk)
                 outs.append(self.sampler.sample(bb, cond.select(sl), noise[sl], step_noise=step_noise.subset(sl),
                                                 trajectory=self.objective.needs_trajectory))
+                self.progress.advance(bar, len(outs[-1].latents))
+        self.progress.finish(bar)
         self.meter.images += spec.images_per_step
         out = SampleOutput(
             latents=torch.cat([o.latents for o in outs]), sigmas=outs[0].sigmas,
@@ -201,6 +204,15 @@ class Engine:
         if self.acc.num_processes > 1:  # every process must stop at the same step
             over = bool(self.ctx.all_reduce_sum(torch.tensor([float(over)], device=self.acc.device)).item())
         return over
+
+    def _steps_in_budget(self) -> int | None:
+        """Optimizer steps the budget allows, where a step, image or reward-call limit fixes them."""
+        b, per_step = self.spec.budget, self.spec.images_per_step
+        limits = [b.steps,
+                  None if b.images is None else -(-b.images // per_step),
+                  None if b.reward_calls is None else -(-b.reward_calls // (per_step * len(self.weights)))]
+        known = [n for n in limits if n is not None]
+        return min(known) if known else None
 
     def _cost(self) -> dict[str, Any]:
         snap = self.meter.snapshot()
@@ -311,15 +323,19 @@ class Engine:
             else:
                 step = 0
                 base = self._evaluate(0, "base").scores
-            budget = self.spec.budget.steps
-            task = self.progress.task("train", budget)
-            if step:
-                self.progress.advance(task, step)
+            total = self._steps_in_budget()
+            # a seconds-only budget: the bar counts training seconds
+            bar_seconds = total is None
+            task = self.progress.task("train (s)" if bar_seconds else "train",
+                                      self.spec.budget.seconds if bar_seconds else total)
+            self.progress.update(task, completed=self.meter.train_seconds if bar_seconds else step)
             while not self._over_budget(step):
                 self._train_step(step)
                 step += 1
                 self._update_eval_ema(step)
-                self.progress.advance(task, 1, description=f"train (reward {self._last_reward:.3f})")
+                self.progress.update(task, completed=self.meter.train_seconds if bar_seconds else step,
+                                     description=f"train{' (s)' if bar_seconds else ''} "
+                                                 f"(reward {self._last_reward:.3f})")
                 if self.spec.eval.every and step % self.spec.eval.every == 0:
                     self._evaluate(step, f"step{step:05d}")
                 if self.spec.checkpoint_every and step % self.spec.checkpoint_every == 0:

@@ -27,9 +27,14 @@ class ProgressReporter:
     def task(self, description: str, total: float | None) -> int | None:
         return self._bar.add_task(description, total=total) if self._bar is not None else None
 
-    def advance(self, task: int | None, n: float = 1, **fields) -> None:
+    def advance(self, task: int | None, n: float = 1) -> None:
         if self._bar is not None and task is not None:
-            self._bar.update(task, advance=n, **fields)
+            self._bar.update(task, advance=n)
+
+    def update(self, task: int | None, **fields) -> None:
+        """Set a task's fields, e.g. ``completed`` or ``description``."""
+        if self._bar is not None and task is not None:
+            self._bar.update(task, **fields)
 
     def finish(self, task: int | None) -> None:
         if self._bar is not None and task is not None:

@@ -63,6 +63,13 @@ def test_plugins_json_lists_every_kind(capsys):
     assert all(r["plugin"] and r["version"] for r in rows)
 
 
+def _tiny_run_args(weights, out):
+    """A run on the tiny nano checkpoint: 4 rollout images a step, 2-step samplers, 2 held-out prompts."""
+    return ["--objective", "dgpo", "--group-size", "2", "--prompts-per-step", "2",
+            "--eval-prompts", "2", "-o", f"nano.weights={weights}", "-o", "sampler.steps=2", "-o",
+            "eval-sampler.steps=2", "-o", "dgpo.num_timesteps=1", "-o", "dgpo.trunc_steps=1", "--out", str(out)]
+
+
 def test_a_folder_replaced_atomically_is_kept_whole_when_writing_fails(tmp_path):
     from dgpo_bench.results import replaced_atomically
 
@@ -78,3 +85,27 @@ def test_a_folder_replaced_atomically_is_kept_whole_when_writing_fails(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["weights"] and (folder / "w.bin").read_text() == "two"
 
 
+@pytest.mark.parametrize("budget, steps", [({"steps": None, "images": 6}, 2), ({"steps": None, "seconds": 1e-3}, 1)])
+def test_progress_bars_have_totals_and_stay_off_stdout(capsys, tmp_path, tiny_weights, monkeypatch, budget, steps):
+    from dgpo_bench.progress import ProgressReporter
+
+    finished = []  # (bar, total, completed) of every bar as it is taken down
+    take_down = ProgressReporter.finish
+
+    def record(self, task):
+        bar = next(t for t in self._bar.tasks if t.id == task)
+        finished.append((bar.description.split(" (")[0], bar.total, bar.completed))
+        take_down(self, task)
+
+    monkeypatch.setattr(ProgressReporter, "finish", record)
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich draws live bars, as on a terminal
+    config = tmp_path / "budget.json"
+    config.write_text(json.dumps({"budget": budget}))
+    code, out, err = _main(capsys, "run", "--reward", "ocr", "--config", str(config),
+                           *_tiny_run_args(tiny_weights, tmp_path / "run"), "--json")
+    assert code == 0, err
+    result = json.loads(out)  # stdout holds the JSON alone while the bars draw on stderr
+    assert result["steps"] == steps  # 4 images a step: 2 steps reach 6 images; any step passes 1 ms
+    # with no step count to aim at, the train bar counts training seconds against the budget's
+    train = (steps, steps) if "images" in budget else (1e-3, pytest.approx(result["cost"]["train_seconds"], abs=1e-3))
+    assert finished == [("eval", 2, 2), *[("rollout", 4, 4)] * steps, ("train", *train), ("eval", 2, 2)]
