@@ -1,4 +1,4 @@
-"""The CLI's error boundary and commands that build no model."""
+"""The CLI: its error boundary, clean JSON on stdout, and run / eval end to end on a tiny model."""
 
 import json
 
@@ -70,6 +70,28 @@ def _tiny_run_args(weights, out):
             "eval-sampler.steps=2", "-o", "dgpo.num_timesteps=1", "-o", "dgpo.trunc_steps=1", "--out", str(out)]
 
 
+def test_run_then_eval_print_json_only_on_stdout(capsys, tmp_path, tiny_weights):
+    run_dir = tmp_path / "run"
+    code, out, err = _main(capsys, "run", "--reward", "ocr", "--steps", "1", *_tiny_run_args(tiny_weights, run_dir),
+                           "--json")
+    assert code == 0, err
+    summary = json.loads(out)  # the whole of stdout is one JSON object
+    assert isinstance(summary, dict) and {"run_dir", "base", "tuned", "cost"} <= set(summary)
+    assert summary["cost"]["images"] == 4 and set(summary["tuned"]) == {"ocr"}
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["seed"] == 0 and result["steps"] == 1
+    assert result["environment"]["versions"]["torch"] and "git_revision" in result["environment"]
+    assert (run_dir / "samples" / "base.png").stat().st_size > 0 and (run_dir / "samples" / "final.png").is_file()
+    # the weights were written beside, then renamed: no temporary folder is left
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+
+    code, out, err = _main(capsys, "eval", str(run_dir), "--seed", "0", "--json", "--prompts", "2")
+    assert code == 0, err
+    scores = json.loads(out)
+    assert list(scores) == ["ocr"] and isinstance(scores["ocr"], float)
+    assert scores["ocr"] == result["tuned"]["ocr"]  # same weights, prompts, seed and sampler as the final eval
+
+
 def test_a_folder_replaced_atomically_is_kept_whole_when_writing_fails(tmp_path):
     from dgpo_bench.results import replaced_atomically
 
@@ -83,6 +105,24 @@ def test_a_folder_replaced_atomically_is_kept_whole_when_writing_fails(tmp_path)
             (tmp / "w.bin").write_text("half")
             raise OSError("disk full")
     assert [p.name for p in tmp_path.iterdir()] == ["weights"] and (folder / "w.bin").read_text() == "two"
+
+
+BROKEN_PLUGIN = "import dgpo_bench_no_such_module\n"
+
+
+def test_a_broken_plugin_file_is_a_warning_unless_strict(capsys, tmp_path, monkeypatch):
+    (tmp_path / "broken.py").write_text(BROKEN_PLUGIN)
+    monkeypatch.setenv("DGPO_BENCH_PLUGINS_DIR", str(tmp_path))
+    with pytest.warns(UserWarning, match="'dir:broken' failed to load and was skipped"):
+        code, out, _ = _main(capsys, "plugins", "--json")
+    assert code == 0
+    assert json.loads(out)["failures"][0]["plugin"] == "dir:broken"
+
+    code, out, err = _main(capsys, "--strict-plugins", "plugins", "--json")
+    assert code == 2 and out == ""
+    message = " ".join(err.split())
+    assert message.startswith("Error: Plugin 'dir:broken' failed to load (ModuleNotFoundError")
+    assert message.count(". ") == 0 and message.endswith("fix or uninstall it.")
 
 
 @pytest.mark.parametrize("budget, steps", [({"steps": None, "images": 6}, 2), ({"steps": None, "seconds": 1e-3}, 1)])
