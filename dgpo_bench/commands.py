@@ -97,7 +97,8 @@ def register_core_commands(app: typer.Typer, state) -> None:
         reward: List[str] = typer.Option([], "--reward", help="Reward(s) to score; repeatable."),
         sampler: Optional[str] = typer.Option(None, "--sampler", help="Evaluation sampler (default ode-euler)."),
         seed: List[int] = typer.Option([], "--seed", help="Evaluation noise seed(s); repeatable."),
-        prompts: Optional[int] = typer.Option(None, "--prompts", help="Number of held-out prompts."),
+        prompts: Optional[int] = typer.Option(
+            None, "--prompts", help="Number of held-out prompts (default: the run's own, else 256)."),
         option: List[str] = typer.Option([], "-o", "--option", help="COMPONENT.KEY=VALUE, repeatable."),
         as_json: bool = typer.Option(False, "--json", help="Print {reward: score} as JSON on stdout."),
     ) -> None:

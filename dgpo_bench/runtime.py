@@ -47,6 +47,8 @@ def build_for_eval(comps: Components, run_dir: Path | None, backbone: str | None
             data["rewards"] = [{"name": r["name"], "options": r.get("options", {})} for r in run_spec["rewards"]]
         if sampler is None:
             data["eval"]["sampler"] = run_spec["eval"]["sampler"]
+        if n_prompts is None:
+            data["eval"]["prompts"] = run_spec["eval"]["prompts"]
     if not data["rewards"]:
         raise SpecError("No reward to score; pass --reward NAME (e.g. --reward ocr).")
     data = apply_option_overrides(data, overrides)

@@ -85,7 +85,7 @@ def test_run_then_eval_print_json_only_on_stdout(capsys, tmp_path, tiny_weights)
     # the weights were written beside, then renamed: no temporary folder is left
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
 
-    code, out, err = _main(capsys, "eval", str(run_dir), "--seed", "0", "--json", "--prompts", "2")
+    code, out, err = _main(capsys, "eval", str(run_dir), "--seed", "0", "--json")  # the run's own 2 held-out prompts
     assert code == 0, err
     scores = json.loads(out)
     assert list(scores) == ["ocr"] and isinstance(scores["ocr"], float)
