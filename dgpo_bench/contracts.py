@@ -246,19 +246,36 @@ class Backbone(Component):
 
     @contextlib.contextmanager
     def swapped_weights(self, tensors: Sequence[torch.Tensor], role: str = "ema") -> Iterator[None]:
-        """Temporarily load ``tensors`` into the trainable parameters (e.g. EMA weights)."""
+        """Temporarily load ``tensors`` into the trainable parameters (e.g. EMA weights).
+
+        Under ``torch.no_grad`` (EMA rollouts and passes) a parameter whose tensor has the same
+        dtype, device, shape and strides is pointed at it rather than copied (no clone, copy in and
+        copy back of every weight), so the parameters must not be changed in place inside the block:
+        that would change ``tensors``. With gradients on, or where the dtype differs (the copy
+        rounds), the values are copied in and the old ones restored afterwards.
+        """
         params = self.trainable_parameters()
+        lend = not torch.is_grad_enabled()
         with torch.no_grad():
-            saved = [p.detach().clone() for p in params]
+            saved: list[tuple[torch.nn.Parameter, torch.Tensor, bool]] = []
             for p, t in zip(params, tensors):
-                p.copy_(t)
+                shared = (lend and t.dtype == p.dtype and t.device == p.device and t.layout == p.layout
+                          and t.shape == p.shape and t.stride() == p.stride())
+                saved.append((p, p.data, shared) if shared else (p, p.detach().clone(), shared))
+                if shared:
+                    p.data = t.detach()
+                else:
+                    p.copy_(t)
         try:
             with self.as_role(role):
                 yield
         finally:
             with torch.no_grad():
-                for p, t in zip(params, saved):
-                    p.copy_(t)
+                for p, old, shared in saved:
+                    if shared:
+                        p.data = old
+                    else:
+                        p.copy_(old)
 
 
 # --------------------------------------------------------------------------- sampler

@@ -135,6 +135,8 @@ class Dgpo(Objective):
         M = len(train_sigmas)
 
         def velocities(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            if len(chunks) == 1:  # one pass: no concatenated copy of its output
+                return bb.velocity(x, s, batch.cond)
             return torch.cat([bb.velocity(x[c], s, batch.cond.select(c)) for c in chunks])
 
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("weight", "s_g", "clip", "rho", "kl", "gap", "pref")}
