@@ -9,7 +9,7 @@ import json
 import torch
 
 from dgpo_bench_backbones.nano.model import (NanoConfig, NanoModel, default_weights_dir, generate,
-                                             load_nano, save_nano, tokenize)
+                                             load_nano, quote_positions, save_nano, tokenize)
 
 TINY = dict(height=16, width=32, patch_size=4, num_layers=2, num_attention_heads=2, attention_head_dim=16,
             joint_attention_dim=32, pooled_projection_dim=32, text_max_len=24)
@@ -30,6 +30,30 @@ def test_tokenize_and_encode_shapes():
     m = _model()
     ehs, pooled = m.encode(['a sign that says "cargo"', ""])
     assert ehs.shape == (2, 24, 32) and pooled.shape == (2, 32)
+
+
+def test_quote_positions_mark_the_quoted_target():
+    prompt = 'a sign that says "cargo bay"'
+    pos, length = quote_positions([prompt, "no quotes", 'x ""'], 40, 8)
+    ids, _ = tokenize([prompt], 40)
+    inside = pos[0].nonzero().flatten()
+    # the tokens marked 1..8 are the first 8 characters of the target, after the bos token
+    assert pos[0, inside].tolist() == list(range(1, 9))
+    assert "".join(prompt[i - 1] for i in inside.tolist()) == "cargo ba"
+    assert set(length[0, inside].tolist()) == {8} and length[0].count_nonzero() == 8
+    assert pos[1:].count_nonzero() == 0 and length[1:].count_nonzero() == 0
+    assert ids[0, inside[0]] != ids[0, inside[0] - 1]  # the opening quote itself is not marked
+
+
+def test_quote_embedding_enters_the_encoding():
+    torch.manual_seed(0)
+    m = NanoModel(NanoConfig(**TINY, quote_max_len=8)).eval()
+    with torch.no_grad():
+        a, _ = m.encode(['say "ab"', "say ab"])
+        m.text_encoder.quote_pos.weight[1].add_(torch.randn(32))  # a constant would vanish in LayerNorm
+        b, _ = m.encode(['say "ab"', "say ab"])
+    assert (a[0] - b[0]).abs().max() > 1e-2  # the quoted prompt changes
+    assert torch.equal(a[1], b[1])  # a prompt without quotes does not
 
 
 def test_forward_shapes_and_full_finetune_grad():

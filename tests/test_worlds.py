@@ -33,6 +33,26 @@ def test_render_text_fits_and_is_rgb():
         assert np.abs(im[:, 0].astype(int) - bg[0]).max() == 0
 
 
+def test_simple_layout_is_black_on_white_centred_at_the_largest_size():
+    rng = np.random.default_rng(0)
+    for target in ("cargo", "hold tight", "ab"):
+        im = T.render_text(target, rng, layout="simple")
+        ink = np.argwhere(im.min(-1) < 128)
+        assert (im == im[..., :1]).all()  # grey levels only: black text, white ground, antialiasing
+        assert (im[0, 0] == 255).all()
+        left, right = ink[:, 1].min(), T.WIDTH - 1 - ink[:, 1].max()
+        assert abs(left - right) <= 3  # centred horizontally, up to the glyphs' side bearings
+        same = T.render_text(target, None)  # the deterministic render: centred, largest size
+        assert (same.min(-1) < 128).sum() == len(ink)  # same glyphs at the same size
+
+
+def test_varied_layout_moves_and_colours_the_text():
+    rng = np.random.default_rng(0)
+    ims = [T.render_text("cargo", rng) for _ in range(16)]
+    lefts = {int(np.argwhere(im.min(-1) < 128)[:, 1].min()) for im in ims}
+    assert len(lefts) > 4 and any((im[0, 0] != 255).any() for im in ims)
+
+
 def test_ocr_ceiling_on_ground_truth_renders():
     from dgpo_bench_tasks.ocr_engine import RapidOCRReader
 

@@ -2,16 +2,15 @@
 
 Prompts such as ``a sign that says "cargo"``; the target is a single word (3-8 letters)
 or, one time in four, a two-word phrase from an offline vocabulary (frequent lower-case tokens of the
-Python standard library source, frozen in ``data/vocab.txt``).  Images are
-32x128 RGB renders with Pillow's bundled font at a random size (up to 4 px under the
-largest that fits), position jitter, a dark text colour and a light background colour.
-Calibrated so a CPU-pretrained 2.5M-parameter model lands mid-range: with half the
-targets two-word phrases of up to 13 characters and sizes from 16 px, 4750 steps
-left the held-out OCR score at 0.05.
+Python standard library source, frozen in ``data/vocab.txt``).  Images are 32x128 RGB
+renders with Pillow's bundled font in one of two layouts: ``varied`` (a random size up to
+4 px under the largest that fits, random position, dark text colour on a light
+background) and ``simple`` (the largest size, centred horizontally, black on white).
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import os
 import re
@@ -25,7 +24,6 @@ VOCAB_FILE = DATA_DIR / "vocab.txt"
 HEIGHT, WIDTH = 32, 128
 MIN_FONT, MAX_FONT = 14, 24
 MARGIN = 4  # px kept free left/right
-SIZE_SPREAD = 4  # px below the largest fitting font size
 P_PAIR = 0.25  # share of two-word targets
 MAX_PHRASE_LEN = 11  # characters including the space
 VOCAB_SIZE = 4000
@@ -145,6 +143,19 @@ def make_prompt_set(split: str, n: int, seed: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- rendering
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a target is drawn when rendering with an rng (the vertical position is always random)."""
+
+    size_spread: int  # px below the largest fitting font size
+    free_x: bool  # anywhere horizontally (else centred)
+    colours: bool  # dark text colour on a light background (else black on white)
+
+
+LAYOUTS = {"varied": Layout(size_spread=4, free_x=True, colours=True),
+           "simple": Layout(size_spread=0, free_x=False, colours=False)}
+
+
 @functools.lru_cache(maxsize=None)
 def _font(size: int):
     from PIL import ImageFont
@@ -172,12 +183,12 @@ def render_text(
     font_size: int | None = None,
     fg: tuple[int, int, int] | None = None,
     bg: tuple[int, int, int] | None = None,
+    layout: str = "varied",
 ) -> np.ndarray:
     """Render ``text`` into a uint8 HxWx3 image.
 
-    With ``rng`` None: centred, largest fitting font, black on white.  With an rng:
-    random font size in [largest fitting - SIZE_SPREAD, largest fitting], random position inside the
-    free space, dark random text colour, light random background colour.
+    With ``rng`` None: centred, largest fitting font, black on white.  With an rng: drawn
+    as ``LAYOUTS[layout]`` says, at a random height.
     """
     from PIL import Image, ImageDraw
 
@@ -187,9 +198,12 @@ def render_text(
         fg = fg or (0, 0, 0)
         bg = bg or (255, 255, 255)
     else:
-        size = font_size or int(rng.integers(max(MIN_FONT, smax - SIZE_SPREAD), smax + 1))
-        fg = fg or tuple(int(v) for v in rng.integers(0, 100, size=3))
-        bg = bg or tuple(int(v) for v in rng.integers(205, 256, size=3))
+        lay = LAYOUTS[layout]
+        size = font_size or int(rng.integers(max(MIN_FONT, smax - lay.size_spread), smax + 1))
+        if lay.colours:
+            fg = fg or tuple(int(v) for v in rng.integers(0, 100, size=3))
+            bg = bg or tuple(int(v) for v in rng.integers(205, 256, size=3))
+        fg, bg = fg or (0, 0, 0), bg or (255, 255, 255)
     font = _font(size)
     l, t, r, b = font.getbbox(text)
     tw, th = r - l, b - t
@@ -200,6 +214,8 @@ def render_text(
         jx = max(0, free_x - 2 * MARGIN)
         jy = max(0, free_y - 2)
         ox = MARGIN + int(rng.integers(0, jx + 1)) if free_x >= 2 * MARGIN else free_x // 2
+        if not lay.free_x:
+            ox = free_x // 2
         oy = 1 + int(rng.integers(0, jy + 1)) if free_y >= 2 else free_y // 2
     img = Image.new("RGB", (width, height), bg)
     ImageDraw.Draw(img).text((ox - l, oy - t), text, font=font, fill=fg)

@@ -33,6 +33,24 @@ def tokenize(prompts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.
     return ids, ids != PAD_ID
 
 
+def quote_positions(prompts: Sequence[str], max_len: int, max_quote: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token of ``tokenize``'s layout: (index inside the first quoted span, 1-based,
+    0 elsewhere; that span's length on its tokens, 0 elsewhere), both capped at max_quote."""
+    pos = torch.zeros((len(prompts), max_len), dtype=torch.long)
+    length = torch.zeros_like(pos)
+    for i, p in enumerate(prompts):
+        a = p.find('"')
+        b = p.find('"', a + 1) if a >= 0 else -1
+        if b <= a + 1:
+            continue
+        n = min(b - a - 1, max_quote)
+        for k in range(n):
+            j = a + 2 + k  # +1 for bos, +1 past the opening quote
+            if j < max_len:
+                pos[i, j], length[i, j] = k + 1, n
+    return pos, length
+
+
 @dataclasses.dataclass
 class NanoConfig:
     world: str = "text"
@@ -49,6 +67,9 @@ class NanoConfig:
     text_layers: int = 1
     text_heads: int = 2
     text_ff_mult: int = 4
+    # embed each character's index inside the quoted span and the span's length (the
+    # OCR target), so a tiny encoder need not find the quotes itself; 0 = off
+    quote_max_len: int = 0
     # default inference settings (used by evaluation and by the engine as defaults)
     guidance_scale: float = 3.0
     num_inference_steps: int = 10
@@ -80,6 +101,10 @@ class CharTextEncoder(nn.Module):
         self.tok = nn.Embedding(VOCAB_SIZE, d)
         self.pos = nn.Parameter(torch.zeros(1, cfg.text_max_len, d))
         nn.init.normal_(self.pos, std=0.02)
+        self.quote_max_len = cfg.quote_max_len
+        if cfg.quote_max_len:
+            self.quote_pos = nn.Embedding(cfg.quote_max_len + 1, d)
+            self.quote_len = nn.Embedding(cfg.quote_max_len + 1, d)
         layer = nn.TransformerEncoderLayer(
             d, cfg.text_heads, d * cfg.text_ff_mult, dropout=0.0, batch_first=True,
             norm_first=True, activation="gelu",
@@ -88,8 +113,10 @@ class CharTextEncoder(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.pool_proj = nn.Linear(d, cfg.pooled_projection_dim)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor):
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, quote: tuple | None = None):
         h = self.tok(ids) + self.pos[:, : ids.shape[1]]
+        if quote is not None:
+            h = h + self.quote_pos(quote[0]) + self.quote_len(quote[1])
         h = self.encoder(h, src_key_padding_mask=~mask)
         h = self.norm(h)
         m = mask.unsqueeze(-1).to(h.dtype)
@@ -126,7 +153,11 @@ class NanoModel(nn.Module):
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = tokenize(list(prompts), self.config.text_max_len)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        return self.text_encoder(ids, mask)
+        quote = None
+        if self.config.quote_max_len:
+            qp, ql = quote_positions(list(prompts), self.config.text_max_len, self.config.quote_max_len)
+            quote = (qp.to(self.device), ql.to(self.device))
+        return self.text_encoder(ids, mask, quote)
 
     def forward(self, latents, sigmas, encoder_hidden_states, pooled):
         sigmas = torch.as_tensor(sigmas, device=latents.device, dtype=latents.dtype)

@@ -33,15 +33,15 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- worlds
-def world_config(world: str) -> NanoConfig:
+def world_config(world: str, quote_max_len: int = 0) -> NanoConfig:
     if world == "text":
-        return NanoConfig(world="text", height=32, width=128)
+        return NanoConfig(world="text", height=32, width=128, quote_max_len=quote_max_len)
     if world == "shapes":
         return NanoConfig(world="shapes", height=64, width=64)
     raise ValueError(world)
 
 
-def sample_batch(world: str, rng: np.random.Generator, n: int):
+def sample_batch(world: str, rng: np.random.Generator, n: int, text_layout: str = "varied"):
     """(prompts, uint8 images n x H x W x 3) from the world's training distribution."""
     if world == "text":
         from dgpo_bench_tasks import text as T
@@ -50,7 +50,7 @@ def sample_batch(world: str, rng: np.random.Generator, n: int):
         for _ in range(n):
             p, target = T.sample_example(rng, "train")
             prompts.append(p)
-            imgs.append(T.render_text(target, rng))
+            imgs.append(T.render_text(target, rng, layout=text_layout))
         return prompts, np.stack(imgs)
     if world == "shapes":
         from dgpo_bench_tasks import shapes as S
@@ -136,13 +136,14 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
              cond_dropout: float = 0.1, bf16: bool | None = None, threads: int = 2,
              eval_every: int = 250, eval_n: int = 256, eval_start: int = 1500, eval_n_early: int = 64,
              guidance_scale: float | None = None, resume: bool = False, keep_states: int = 1,
-             ema_warmup: bool = True, reset_ema: bool = False) -> Path:
+             ema_warmup: bool = True, reset_ema: bool = False, text_layout: str = "varied",
+             quote_max_len: int = 0) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
     if bf16 is None:
         bf16 = cpu_has_native_bf16()
-    cfg = world_config(world)
+    cfg = world_config(world, quote_max_len)
     cfg.cond_dropout = cond_dropout
     if guidance_scale is not None:
         cfg.guidance_scale = guidance_scale
@@ -179,7 +180,8 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     run_info = {"world": world, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
                 "warmup": warmup, "ema_decay": ema_decay, "grad_clip": grad_clip,
-                "cond_dropout": cond_dropout, "ema_warmup": ema_warmup, "reset_ema": reset_ema, "bf16": bf16, "threads": threads,
+                "cond_dropout": cond_dropout, "ema_warmup": ema_warmup, "reset_ema": reset_ema,
+                "text_layout": text_layout, "quote_max_len": quote_max_len, "bf16": bf16, "threads": threads,
                 "eval_every": eval_every, "eval_n": eval_n, "argv": sys.argv}
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     log(f"world={world} params={model.num_parameters()/1e6:.3f}M bf16={bf16} threads={threads} "
@@ -193,7 +195,7 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
     model.train()
     while step < steps:
         t0 = time.time()
-        prompts, imgs = sample_batch(world, rng, batch_size)
+        prompts, imgs = sample_batch(world, rng, batch_size, text_layout)
         drop = rng.random(batch_size) < cond_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop)]
         x0 = to_tensor(imgs)
@@ -274,13 +276,18 @@ def main(argv=None):
     ap.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false",
                     help="plain EMA from step 0 (default: decay min(ema_decay, (1+n)/(10+n)))")
     ap.add_argument("--reset-ema", action="store_true", help="on --resume, restart the EMA from the current weights")
+    ap.add_argument("--text-layout", choices=["varied", "simple"], default="varied",
+                    help="how the text world draws its targets (see dgpo_bench_tasks.text.LAYOUTS)")
+    ap.add_argument("--quote-max-len", type=int, default=0,
+                    help="text world: embed the quoted target's character positions, up to this length (0: off)")
     a = ap.parse_args(argv)
     bf16 = {"auto": None, "on": True, "off": False}[a.bf16]
     pretrain(a.world, a.out, steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr,
              warmup=a.warmup, ema_decay=a.ema_decay, cond_dropout=a.cond_dropout, bf16=bf16,
              threads=a.threads, eval_every=a.eval_every, eval_n=a.eval_n, eval_start=a.eval_start, eval_n_early=a.eval_n_early,
              guidance_scale=a.guidance_scale, resume=a.resume,
-             ema_warmup=a.ema_warmup, reset_ema=a.reset_ema)
+             ema_warmup=a.ema_warmup, reset_ema=a.reset_ema, text_layout=a.text_layout,
+             quote_max_len=a.quote_max_len)
 
 
 if __name__ == "__main__":
