@@ -3,7 +3,7 @@
     python benchmarks/engine_overhead.py [--repeats 5]
 
 Both sides run the same work on the same nano model in one process, alternating:
-the rollout (DPM-Solver++ 2M, 10 steps, CFG, 128 images) and the DGPO optimizer step
+the rollout (DPM-Solver++ 2M, 10 steps, CFG, the preset's 32 images) and the DGPO optimizer step
 (4 timesteps; reference, fast-EMA and policy passes; backward; AdamW; EMA update). The
 engine side goes through the plugins (sampler, backbone contract with its cost meter,
 the dgpo objective and EngineContext); the hand side calls the diffusers transformer
