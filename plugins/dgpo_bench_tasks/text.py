@@ -214,7 +214,7 @@ def render_text(
         jx = max(0, free_x - 2 * MARGIN)
         jy = max(0, free_y - 2)
         ox = MARGIN + int(rng.integers(0, jx + 1)) if free_x >= 2 * MARGIN else free_x // 2
-        if not lay.free_x:
+        if not lay.free_x:  # centred; the draw above is kept so both layouts consume the rng alike
             ox = free_x // 2
         oy = 1 + int(rng.integers(0, jy + 1)) if free_y >= 2 else free_y // 2
     img = Image.new("RGB", (width, height), bg)

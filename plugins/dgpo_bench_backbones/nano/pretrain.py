@@ -281,6 +281,8 @@ def main(argv=None):
     ap.add_argument("--quote-max-len", type=int, default=0,
                     help="text world: embed the quoted target's character positions, up to this length (0: off)")
     a = ap.parse_args(argv)
+    if a.quote_max_len < 0:
+        ap.error("--quote-max-len must be 0 (off) or a positive length")
     bf16 = {"auto": None, "on": True, "off": False}[a.bf16]
     pretrain(a.world, a.out, steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr,
              warmup=a.warmup, ema_decay=a.ema_decay, cond_dropout=a.cond_dropout, bf16=bf16,
