@@ -243,7 +243,7 @@ def generate(model: NanoModel, prompts: Sequence[str], seed: int = 0,
         noise = torch.randn(B, cfg.channels, cfg.height, cfg.width, generator=gen)
     x = noise.to(dev, torch.float32)
     use_cfg = g is not None and g != 1.0
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
         if use_cfg:
             ehs, pooled = model.encode(list(prompts) + [""] * B)
         else:

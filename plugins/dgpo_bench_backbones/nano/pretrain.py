@@ -95,6 +95,25 @@ def to_tensor(imgs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Batch ``i`` of a run, drawn from an rng seeded by (seed, i): the stream does not
+    depend on how many worker processes render it, and resuming needs no rng state."""
+
+    def __init__(self, world: str, seed: int, batch_size: int, cond_dropout: float, text_layout: str,
+                 steps: int):
+        self.world, self.seed, self.batch_size = world, seed, batch_size
+        self.cond_dropout, self.text_layout, self.steps = cond_dropout, text_layout, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, i])
+        prompts, imgs = sample_batch(self.world, rng, self.batch_size, self.text_layout)
+        drop = rng.random(self.batch_size) < self.cond_dropout
+        return ["" if d else p for p, d in zip(prompts, drop)], to_tensor(imgs)
+
+
 def grid(images: np.ndarray, cols: int = 4) -> np.ndarray:
     n, h, w, c = images.shape
     rows = math.ceil(n / cols)
@@ -137,12 +156,15 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
              eval_every: int = 250, eval_n: int = 256, eval_start: int = 1500, eval_n_early: int = 64,
              guidance_scale: float | None = None, resume: bool = False, keep_states: int = 1,
              ema_warmup: bool = True, reset_ema: bool = False, text_layout: str = "varied",
-             quote_max_len: int = 0) -> Path:
+             quote_max_len: int = 0, device: str = "cpu", workers: int = 0) -> Path:
+    """Train; ``workers`` > 0 renders batches in that many processes (``StepBatches``'
+    per-step stream) instead of from the run's single rng, for a GPU the renderer would starve."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
+    dev = torch.device(device)
     if bf16 is None:
-        bf16 = cpu_has_native_bf16()
+        bf16 = dev.type == "cpu" and cpu_has_native_bf16()
     cfg = world_config(world, quote_max_len)
     cfg.cond_dropout = cond_dropout
     if guidance_scale is not None:
@@ -150,7 +172,7 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
 
     torch.manual_seed(seed)
     random.seed(seed)
-    model = NanoModel(cfg)
+    model = NanoModel(cfg).to(dev)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
@@ -182,29 +204,39 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
                 "warmup": warmup, "ema_decay": ema_decay, "grad_clip": grad_clip,
                 "cond_dropout": cond_dropout, "ema_warmup": ema_warmup, "reset_ema": reset_ema,
                 "text_layout": text_layout, "quote_max_len": quote_max_len, "bf16": bf16, "threads": threads,
+                "device": str(dev), "workers": workers,
                 "eval_every": eval_every, "eval_n": eval_n, "argv": sys.argv}
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     log(f"world={world} params={model.num_parameters()/1e6:.3f}M bf16={bf16} threads={threads} "
-        f"steps={steps} out={out}")
+        f"device={dev} workers={workers} steps={steps} out={out}")
 
     scorer = Scorer(world, threads)
     ema_params = [p for p in ema.parameters()]
     model_params = [p for p in model.parameters()]
     losses: list[float] = []
     t_last = time.time()
+    batches = None
+    if workers:
+        batches = iter(torch.utils.data.DataLoader(
+            StepBatches(world, seed, batch_size, cond_dropout, text_layout, steps),
+            batch_size=None, sampler=range(step, steps), num_workers=workers, prefetch_factor=4))
     model.train()
     while step < steps:
         t0 = time.time()
-        prompts, imgs = sample_batch(world, rng, batch_size, text_layout)
-        drop = rng.random(batch_size) < cond_dropout
-        prompts = ["" if d else p for p, d in zip(prompts, drop)]
-        x0 = to_tensor(imgs)
+        if batches is not None:
+            prompts, x0 = next(batches)
+        else:
+            prompts, imgs = sample_batch(world, rng, batch_size, text_layout)
+            drop = rng.random(batch_size) < cond_dropout
+            prompts = ["" if d else p for p, d in zip(prompts, drop)]
+            x0 = to_tensor(imgs)
         eps = torch.randn(x0.shape, generator=gen)
         s = torch.sigmoid(torch.randn(batch_size, generator=gen))
+        x0, eps, s = x0.to(dev), eps.to(dev), s.to(dev)
         sv = s.view(-1, 1, 1, 1)
         xt = (1 - sv) * x0 + sv * eps
         target = eps - x0
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             ehs, pooled = model.encode(prompts)
             v = model(xt, s, ehs, pooled)
         loss = torch.nn.functional.mse_loss(v.float(), target)
@@ -267,6 +299,9 @@ def main(argv=None):
     ap.add_argument("--cond-dropout", type=float, default=0.1)
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda); the weights load on CPU either way")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="render batches in this many processes (a per-step data stream; 0: in-process, the shipped recipe)")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-n", type=int, default=256)
     ap.add_argument("--eval-start", type=int, default=1500)
@@ -289,7 +324,7 @@ def main(argv=None):
              threads=a.threads, eval_every=a.eval_every, eval_n=a.eval_n, eval_start=a.eval_start, eval_n_early=a.eval_n_early,
              guidance_scale=a.guidance_scale, resume=a.resume,
              ema_warmup=a.ema_warmup, reset_ema=a.reset_ema, text_layout=a.text_layout,
-             quote_max_len=a.quote_max_len)
+             quote_max_len=a.quote_max_len, device=a.device, workers=a.workers)
 
 
 if __name__ == "__main__":
