@@ -63,6 +63,19 @@ def _cpu_name() -> str:
     return "unknown"
 
 
+def reproduce_args(argv: list[str], run_dir: Path, step: int) -> str:
+    """The run's recorded arguments with ``--out`` set to its folder and ``--steps`` to ``step``."""
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--out", "--steps", "--resume"):
+            skip = a != "--resume"
+        else:
+            args.append(a)
+    return " ".join(args + ["--out", str(run_dir), "--steps", str(step)])
+
+
 NOTES = """The 2-core machine was shared with other jobs, so minutes are not comparable to an idle
 machine; budget in steps."""
 
@@ -82,18 +95,22 @@ def write_pretrain_md(dst: Path, ckpt: Path, summary: dict, bench_res: dict | No
         f"`python -m dgpo_bench_backbones.nano.export ship {ckpt} --n {summary['n']}`.", "",
         "## Command", "",
         "```",
-        f"python -m dgpo_bench_backbones.nano.pretrain --world {cfg['world']} --seed {run.get('seed', 0)} "
-        f"--out {run_dir} --steps {run.get('steps')} --eval-every {run.get('eval_every', 250)}",
+        f"python -m dgpo_bench_backbones.nano.pretrain {reproduce_args(run.get('argv', [])[1:], run_dir, step)}",
         "```", "",
-        f"(last invocation: `python -m dgpo_bench_backbones.nano.pretrain {' '.join(run.get('argv', [])[1:])}`)", "",
+        "(the learning rate is constant after warm-up and the data stream does not depend on `--steps`, "
+        "so stopping a longer run at this step gives the same weights; last invocation: "
+        f"`python -m dgpo_bench_backbones.nano.pretrain {' '.join(run.get('argv', [])[1:])}`)", "",
         notes, "",
         "## Facts", "",
         f"- seed {run.get('seed', 0)}, batch {run.get('batch_size', 32)}, AdamW lr {run.get('lr')} "
         f"(warmup {run.get('warmup')}), EMA {run.get('ema_decay')} (warm-up {run.get('ema_warmup')}), "
-        f"condition dropout {run.get('cond_dropout')}, bf16 autocast {run.get('bf16')}",
+        f"condition dropout {run.get('cond_dropout')}, bf16 autocast {run.get('bf16')}, "
+        f"text layout {run.get('text_layout', 'varied')}, quote embedding {run.get('quote_max_len', 0)}",
         f"- steps {step}; training minutes {rec.get('train_minutes', float('nan')):.1f} "
         f"(train loss, last 100 steps: {rec.get('loss', float('nan')):.4f})",
-        f"- CPU: {_cpu_name()}, {run.get('threads')} torch thread(s), shared with other jobs",
+        (f"- trained on {run.get('device')} with {run.get('workers')} data worker process(es); "
+         "evaluated below on the CPU" if run.get("device", "cpu") != "cpu" else
+         f"- CPU: {_cpu_name()}, {run.get('threads')} torch thread(s), shared with other jobs"),
         f"- parameters: {load_nano(dst).num_parameters() / 1e6:.3f}M; "
         f"file size {(dst / 'model.safetensors').stat().st_size / 1e6:.1f} MB (bf16)",
         f"- default inference: {cfg['num_inference_steps']} Euler steps (diffusers "
@@ -108,7 +125,7 @@ def write_pretrain_md(dst: Path, ckpt: Path, summary: dict, bench_res: dict | No
         "- `samples.png`: the first 16 held-out prompts (row-major):", "",
     ]
     lines += [f"  {i + 1}. {p}" for i, p in enumerate(summary.get("sample_prompts", []))]
-    lines += ["", "## Eval log of the run (periodic, EMA weights, bf16, n prompts each)", "",
+    lines += ["", f"## Eval log of the run (periodic, EMA weights, {'bf16' if run.get('bf16') else 'fp32'}, n prompts each)", "",
               "| step | train min | loss | score | exact | n |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['step']} | {r['train_minutes']:.1f} | {r['loss']:.4f} | {r['eval_score']:.3f} | "
               f"{r['eval_exact']:.3f} | {r['eval_n']} |" for r in log]
