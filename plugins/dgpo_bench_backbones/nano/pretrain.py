@@ -1,6 +1,9 @@
 """Pretrain the nano backbone on a procedural world (text or shapes).
 
     python -m dgpo_bench_backbones.nano.pretrain --world text --seed 0 --out runs/pretrain/text --steps 5000
+    # on a GPU, with batches rendered by three worker processes (the shipped text recipe):
+    python -m dgpo_bench_backbones.nano.pretrain --world text --seed 0 --device cuda --workers 3 \
+        --batch-size 128 --quote-max-len 16 --text-layout simple --out runs/gpu/s128 --steps 3500
 
 Rectified flow (SD3), logit-normal sigma, AdamW, EMA, 10% condition dropout (prompt -> "")
 so classifier-free guidance works.  Every ``eval_every`` steps the EMA model is sampled

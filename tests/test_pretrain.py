@@ -1,0 +1,44 @@
+"""Pretraining helpers: the per-step batch stream used with --workers, and the command
+that PRETRAIN.md prints to reproduce a shipped checkpoint."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+
+import torch
+
+from dgpo_bench_backbones.nano.export import reproduce_args
+from dgpo_bench_backbones.nano.pretrain import StepBatches, main
+
+
+def test_step_batches_depend_only_on_seed_and_step():
+    ds = StepBatches("text", seed=3, batch_size=6, cond_dropout=0.5, text_layout="simple", steps=10)
+    p4, x4 = ds[4]
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(3, 6), num_workers=2)
+    batches = list(loader)
+    assert batches[1][0] == p4 and torch.equal(batches[1][1], x4)  # a worker renders the same batch 4
+    assert x4.shape == (6, 3, 32, 128) and x4.min() >= -1 and x4.max() <= 1
+    assert "" in p4 and any(p for p in p4)  # dropout 0.5 empties some prompts, not all
+    other = StepBatches("text", seed=4, batch_size=6, cond_dropout=0.5, text_layout="simple", steps=10)[4]
+    assert not torch.equal(other[1], x4)
+
+
+def test_reproduce_args_pins_out_and_steps():
+    argv = ["--world", "text", "--steps", "100000", "--out", "/tmp/runs/s128", "--batch-size", "128", "--resume"]
+    assert reproduce_args(argv, Path("runs/gpu/s128"), 3500) == (
+        "--world text --batch-size 128 --out runs/gpu/s128 --steps 3500")
+
+
+def test_worker_fed_pretraining_resumes_onto_the_same_stream(tmp_path):
+    args = ["--world", "text", "--seed", "0", "--batch-size", "4", "--workers", "1", "--threads", "1",
+            "--eval-every", "2", "--eval-n", "4", "--eval-n-early", "4", "--bf16", "off"]
+    main([*args, "--out", str(tmp_path / "a"), "--steps", "4"])
+    main([*args, "--out", str(tmp_path / "b"), "--steps", "2"])
+    main([*args, "--out", str(tmp_path / "b"), "--steps", "4", "--resume"])
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "a" / "ckpt_000004" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "ckpt_000004" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
