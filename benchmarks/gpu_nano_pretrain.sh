@@ -8,7 +8,7 @@
 # Runs: v32 = the shipped recipe (varied layout, batch 32); v128 = batch 128;
 # q128 = batch 128 with the quote embedding; s128 = q128 on the simple layout.
 set -u
-DEVICE=${DEVICE:-cuda}; SECS=${SECS:-420}; EVAL_EVERY=${EVAL_EVERY:-500}; EVAL_N=${EVAL_N:-128}
+DEVICE=${DEVICE:-cuda}; SECS=${SECS:-450}; EVAL_EVERY=${EVAL_EVERY:-500}; EVAL_N=${EVAL_N:-128}
 OUT=${OUT:?set OUT}; RUNS=${RUNS:-/tmp/nano_gpu_runs}
 mkdir -p "$OUT" "$RUNS"
 common=(--world text --seed 0 --steps 100000 --device "$DEVICE" --threads 2 --eval-every "$EVAL_EVERY"

@@ -29,7 +29,8 @@ def main(runs: Path, out: Path) -> None:
             for f in (run / "run.json", runs / f"{run.name}.log", log):
                 if f.exists():
                     tar.add(f, arcname=f"{run.name}/{f.name}")
-            for step in pick(records):
+            steps = pick(records)
+            for step in steps:
                 ck = run / f"ckpt_{step:06d}"
                 sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
                       for k, v in load_file(str(ck / "model.safetensors")).items()}
@@ -39,7 +40,7 @@ def main(runs: Path, out: Path) -> None:
                     tar.add(ck / name, arcname=f"{run.name}/{ck.name}/{name}")
         best = max((r["eval_score"] for r in records), default=float("nan"))
         print(f"{run.name}: {len(records)} evals, last step {records[-1]['step'] if records else 0}, "
-              f"best {best:.3f}, packed {pick(records)}")
+              f"best {best:.3f}, packed {steps}")
 
 
 if __name__ == "__main__":

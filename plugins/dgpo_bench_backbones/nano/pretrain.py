@@ -98,23 +98,25 @@ def to_tensor(imgs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def training_batch(world: str, rng: np.random.Generator, n: int, cond_dropout: float,
+                   text_layout: str) -> tuple[list[str], torch.Tensor]:
+    """(prompts, each emptied with probability ``cond_dropout``; images in [-1, 1])."""
+    prompts, imgs = sample_batch(world, rng, n, text_layout)
+    drop = rng.random(n) < cond_dropout
+    return ["" if d else p for p, d in zip(prompts, drop)], to_tensor(imgs)
+
+
 class StepBatches(torch.utils.data.Dataset):
     """Batch ``i`` of a run, drawn from an rng seeded by (seed, i): the stream does not
     depend on how many worker processes render it, and resuming needs no rng state."""
 
-    def __init__(self, world: str, seed: int, batch_size: int, cond_dropout: float, text_layout: str,
-                 steps: int):
+    def __init__(self, world: str, seed: int, batch_size: int, cond_dropout: float, text_layout: str):
         self.world, self.seed, self.batch_size = world, seed, batch_size
-        self.cond_dropout, self.text_layout, self.steps = cond_dropout, text_layout, steps
-
-    def __len__(self) -> int:
-        return self.steps
+        self.cond_dropout, self.text_layout = cond_dropout, text_layout
 
     def __getitem__(self, i: int):
-        rng = np.random.default_rng([self.seed, i])
-        prompts, imgs = sample_batch(self.world, rng, self.batch_size, self.text_layout)
-        drop = rng.random(self.batch_size) < self.cond_dropout
-        return ["" if d else p for p, d in zip(prompts, drop)], to_tensor(imgs)
+        return training_batch(self.world, np.random.default_rng([self.seed, i]), self.batch_size,
+                              self.cond_dropout, self.text_layout)
 
 
 def grid(images: np.ndarray, cols: int = 4) -> np.ndarray:
@@ -221,7 +223,7 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
     batches = None
     if workers:
         batches = iter(torch.utils.data.DataLoader(
-            StepBatches(world, seed, batch_size, cond_dropout, text_layout, steps),
+            StepBatches(world, seed, batch_size, cond_dropout, text_layout),
             batch_size=None, sampler=range(step, steps), num_workers=workers, prefetch_factor=4))
     model.train()
     while step < steps:
@@ -229,10 +231,7 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
         if batches is not None:
             prompts, x0 = next(batches)
         else:
-            prompts, imgs = sample_batch(world, rng, batch_size, text_layout)
-            drop = rng.random(batch_size) < cond_dropout
-            prompts = ["" if d else p for p, d in zip(prompts, drop)]
-            x0 = to_tensor(imgs)
+            prompts, x0 = training_batch(world, rng, batch_size, cond_dropout, text_layout)
         eps = torch.randn(x0.shape, generator=gen)
         s = torch.sigmoid(torch.randn(batch_size, generator=gen))
         x0, eps, s = x0.to(dev), eps.to(dev), s.to(dev)
@@ -321,6 +320,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.quote_max_len < 0:
         ap.error("--quote-max-len must be 0 (off) or a positive length")
+    if a.workers < 0:
+        ap.error("--workers must be 0 (render in this process) or a positive number of processes")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        ap.error(f"--device {a.device!r} is not a torch device; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda needs a CUDA build of torch and a visible GPU; use --device cpu here")
     bf16 = {"auto": None, "on": True, "off": False}[a.bf16]
     pretrain(a.world, a.out, steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr,
              warmup=a.warmup, ema_decay=a.ema_decay, cond_dropout=a.cond_dropout, bf16=bf16,
