@@ -3,7 +3,7 @@
     python benchmarks/engine_overhead.py [--repeats 5]
 
 Both sides run the same work on the same nano model in one process, alternating:
-the rollout (DPM-Solver++ 2M, 10 steps, CFG, the preset's 32 images) and the DGPO optimizer step
+the rollout (DPM-Solver++ 2M, 10 steps, CFG, 32 images: 4 prompts x 8 samples, as recorded) and the DGPO optimizer step
 (4 timesteps; reference, fast-EMA and policy passes; backward; AdamW; EMA update). The
 engine side goes through the plugins (sampler, backbone contract with its cost meter,
 the dgpo objective and EngineContext); the hand side calls the diffusers transformer
@@ -27,7 +27,7 @@ def build(seed: int = 0):
 
     comps = load_components(get_plugin_manager())
     spec, notes = build_spec(comps, {"objective": {"name": "dgpo"}, "rewards": [{"name": "ocr"}], "seed": seed,
-                                     "eval": {"prompts": 1}})
+                                     "group_size": 8, "prompts_per_step": 4, "eval": {"prompts": 1}})
     engine = Engine(resolve(comps, spec, notes), run_dir="/tmp/dgpo-bench-overhead", progress=False)
     engine._build()
     return engine

@@ -12,7 +12,8 @@ step at which two estimates would agree with cosine 1/2 are N (1 - c) / c. A cos
 zero says the step's gradient is mostly noise at this batch size.
 
 ``--line-search 1e-4,3e-4,1e-3`` then moves the weights along the mean of the K gradients
-(descent) and along a random Gaussian direction, each scaled so that the root-mean-square
+(descent), along its sign (the shape of Adam's first steps: every weight moves by the same
+amount) and along a random Gaussian direction, each scaled so that the root-mean-square
 change per weight is the given size, and scores one fixed probe rollout (the prompts and
 noise of step K, the same for every point) with the training reward: does a step along the
 objective's gradient raise the reward, and is the model more fragile along it than along
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         out["line_search"] = {
             "sizes": sizes,
             "mean_gradient": line_search(engine, mean_grad, sizes, args.estimates),
+            "mean_gradient_sign": line_search(engine, mean_grad.sign(), sizes, args.estimates),
             "random": line_search(engine, torch.randn(mean_grad.shape, generator=gen), sizes, args.estimates)}
     if args.json:
         print(json.dumps(out))
@@ -154,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     if "line_search" in out:
         ls = out["line_search"]
         print(f"  probe reward (step {args.estimates}'s rollout) after a step of RMS size per weight:")
-        for name in ("mean_gradient", "random"):
-            print(f"    {name:14s}" + "  ".join(f"{s:g}: {r:.3f}" for s, r in zip(ls["sizes"], ls[name])))
+        for name in ("mean_gradient", "mean_gradient_sign", "random"):
+            print(f"    {name:19s}" + "  ".join(f"{s:g}: {r:.3f}" for s, r in zip(ls["sizes"], ls[name])))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ class WeightedReward(ComponentRef):
 class Budget(_Strict):
     """Training stops at whichever limit is reached first (eval time is not charged)."""
 
-    steps: int | None = 30
+    steps: int | None = 20
     seconds: float | None = None
     images: int | None = None
     reward_calls: int | None = None

@@ -48,5 +48,5 @@ def test_cli_prints_cosines_as_json(snr, capsys):
     assert all(-1 <= c <= 1 for c in out["cosines"])
     assert out["mean_cosine"] == pytest.approx(sum(out["cosines"]) / len(out["cosines"]))
     ls = out["line_search"]
-    assert ls["sizes"] == [0.0, 1e-3] and len(ls["mean_gradient"]) == len(ls["random"]) == 2
-    assert ls["mean_gradient"][0] == ls["random"][0]  # size 0: the probe at the base weights, both times
+    assert ls["sizes"] == [0.0, 1e-3] and len(ls["mean_gradient"]) == len(ls["mean_gradient_sign"]) == len(ls["random"]) == 2
+    assert ls["mean_gradient"][0] == ls["mean_gradient_sign"][0] == ls["random"][0]  # size 0: the base weights

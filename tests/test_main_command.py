@@ -17,7 +17,7 @@ def test_main_command_finishes_on_the_default_budget_within_the_memory_limit(tmp
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert out["steps"] == 30 and result["spec"]["objective"]["name"] == "dgpo"
+    assert out["steps"] == 20 and result["spec"]["objective"]["name"] == "dgpo"
     assert result["spec"]["eval"]["prompts"] == 256 and 0.0 <= out["tuned"]["ocr"] <= 1.0
     assert out["cost"]["peak_rss_mb"] < 4096  # the memory limit for the quick start
     assert (tmp_path / "run" / "weights").is_dir() and (tmp_path / "run" / "samples" / "final.png").is_file()

@@ -96,9 +96,10 @@ PUBLISHED: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 NANO_OPTIMIZER = {"lr": 1e-4, "weight_decay": 0.0, "grad_clip": 1.0}
-NANO_BATCH = (8, 4)
-"""Group size and groups per step on nano: 32 images per step keeps the quick-start run
-(30 steps plus two 256-prompt evaluations) near 5 minutes on 2 CPU cores."""
+NANO_BATCH = (16, 8)
+"""Group size and groups per step on nano: DGPO's published 16 x 8. At 32 images per step the
+step gradient was mostly noise (benchmarks/results/nano-sweeps.md); 128 images gave the first
+held-out OCR gain."""
 NANO: dict[str, tuple[dict[str, Any], str]] = {
     "dgpo-nano": (
         _preset("dgpo", {**NANO_OPTIMIZER, "beta_dpo": 1000.0, "beta_kl": 0.02, "clip_range": 1e-2,
