@@ -92,6 +92,13 @@ def line_search(engine, direction: torch.Tensor, sizes: list[float], probe_step:
     return scores
 
 
+def sizes_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 1e-4,3e-4") from None
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float(a @ b / (a.norm() * b.norm()))
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("-o", "--option", action="append", default=[], help="COMPONENT.KEY=VALUE, as in run")
-    ap.add_argument("--line-search", default="", metavar="SIZES",
+    ap.add_argument("--line-search", type=sizes_list, default=[], metavar="SIZES",
                     help="comma-separated RMS step sizes per weight, e.g. 1e-4,3e-4,1e-3")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     args = ap.parse_args(argv)
@@ -115,14 +122,19 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--estimates must be at least 2")
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = build(args)
+    from dgpo_bench.errors import DgpoBenchError
+
+    try:
+        engine = build(args)
+    except DgpoBenchError as exc:  # unknown preset or component, invalid option: one sentence, exit 2
+        ap.error(str(exc))
     t0 = time.perf_counter()
     grads, rewards = gradient_estimates(engine, list(range(args.estimates)))
     seconds = time.perf_counter() - t0
     zero = [i for i, g in enumerate(grads) if not g.any()]  # e.g. every group's rewards tied: no signal
     if len(grads) - len(zero) < 2:
-        raise SystemExit(f"{len(zero)} of {len(grads)} gradients are zero (every group's rewards tied); "
-                         "raise --group-size or --estimates.")
+        ap.error(f"{len(zero)} of {len(grads)} gradients are zero (every group's rewards tied); "
+                 "raise --group-size or --estimates.")
     cosines = [cosine(a, b) for a, b in itertools.combinations([g for i, g in enumerate(grads) if i not in zero], 2)]
     c = statistics.mean(cosines)
     n = engine.spec.images_per_step
@@ -134,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         "parameters": int(grads[0].numel()),
     }
     if args.line_search:
-        sizes = [0.0] + [float(x) for x in args.line_search.split(",")]
+        sizes = [0.0, *args.line_search]
         mean_grad = torch.stack(grads).mean(0)
         gen = torch.Generator().manual_seed(args.seed)
         out["line_search"] = {

@@ -50,3 +50,14 @@ def test_cli_prints_cosines_as_json(snr, capsys):
     ls = out["line_search"]
     assert ls["sizes"] == [0.0, 1e-3] and len(ls["mean_gradient"]) == len(ls["mean_gradient_sign"]) == len(ls["random"]) == 2
     assert ls["mean_gradient"][0] == ls["mean_gradient_sign"][0] == ls["random"][0]  # size 0: the base weights
+
+
+@pytest.mark.parametrize("argv, words", [(["--preset", "nope"], "Unknown preset 'nope'"),
+                                         (["-o", "dgpo.nope=1"], "has no option 'nope'"),
+                                         (["--line-search", "abc"], "not a comma-separated list")])
+def test_user_errors_end_in_one_line_and_exit_2(snr, capsys, argv, words):
+    with pytest.raises(SystemExit) as exit_info:
+        snr.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and ": error: " in err.strip().splitlines()[-1]

@@ -334,7 +334,7 @@ def main(argv=None):
              threads=a.threads, eval_every=a.eval_every, eval_n=a.eval_n, eval_start=a.eval_start, eval_n_early=a.eval_n_early,
              guidance_scale=a.guidance_scale, resume=a.resume,
              ema_warmup=a.ema_warmup, reset_ema=a.reset_ema, text_layout=a.text_layout,
-             quote_max_len=a.quote_max_len, device=a.device, workers=a.workers)
+             quote_max_len=a.quote_max_len, device=device, workers=a.workers)
 
 
 if __name__ == "__main__":
