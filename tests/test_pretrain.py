@@ -1,6 +1,7 @@
 """Pretraining helpers: the per-step batch stream used with --workers, and the command
 that PRETRAIN.md prints to reproduce a shipped checkpoint."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,3 +43,5 @@ def test_worker_fed_pretraining_resumes_onto_the_same_stream(tmp_path):
     a = load_file(str(tmp_path / "a" / "ckpt_000004" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "ckpt_000004" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run["argv"] == [*args, "--out", str(tmp_path / "b"), "--steps", "4", "--resume"]

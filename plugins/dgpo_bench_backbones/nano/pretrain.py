@@ -161,9 +161,11 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
              eval_every: int = 250, eval_n: int = 256, eval_start: int = 1500, eval_n_early: int = 64,
              guidance_scale: float | None = None, resume: bool = False, keep_states: int = 1,
              ema_warmup: bool = True, reset_ema: bool = False, text_layout: str = "varied",
-             quote_max_len: int = 0, device: str = "cpu", workers: int = 0) -> Path:
+             quote_max_len: int = 0, device: str = "cpu", workers: int = 0,
+             argv: list[str] | None = None) -> Path:
     """Train; ``workers`` > 0 renders batches in that many processes (``StepBatches``'
-    per-step stream) instead of from the run's single rng, for a GPU the renderer would starve."""
+    per-step stream) instead of from the run's single rng, for a GPU the renderer would starve.
+    ``argv``, the command-line arguments that asked for this run, is recorded in run.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
@@ -210,7 +212,7 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
                 "cond_dropout": cond_dropout, "ema_warmup": ema_warmup, "reset_ema": reset_ema,
                 "text_layout": text_layout, "quote_max_len": quote_max_len, "bf16": bf16, "threads": threads,
                 "device": str(dev), "workers": workers,
-                "eval_every": eval_every, "eval_n": eval_n, "argv": sys.argv}
+                "eval_every": eval_every, "eval_n": eval_n, "argv": argv}
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     log(f"world={world} params={model.num_parameters()/1e6:.3f}M bf16={bf16} threads={threads} "
         f"device={dev} workers={workers} steps={steps} out={out}")
@@ -334,7 +336,8 @@ def main(argv=None):
              threads=a.threads, eval_every=a.eval_every, eval_n=a.eval_n, eval_start=a.eval_start, eval_n_early=a.eval_n_early,
              guidance_scale=a.guidance_scale, resume=a.resume,
              ema_warmup=a.ema_warmup, reset_ema=a.reset_ema, text_layout=a.text_layout,
-             quote_max_len=a.quote_max_len, device=device, workers=a.workers)
+             quote_max_len=a.quote_max_len, device=device, workers=a.workers,
+             argv=list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
