@@ -29,7 +29,7 @@ def build(seed: int = 0):
     spec, notes = build_spec(comps, {"objective": {"name": "dgpo"}, "rewards": [{"name": "ocr"}], "seed": seed,
                                      "group_size": 8, "prompts_per_step": 4, "eval": {"prompts": 1}})
     engine = Engine(resolve(comps, spec, notes), run_dir="/tmp/dgpo-bench-overhead", progress=False)
-    engine._build()
+    engine.build()
     return engine
 
 
@@ -83,7 +83,7 @@ def main() -> None:
 
     engine = build()
     bb, objective, ctx, sampler = engine.backbone, engine.objective, engine.ctx, engine.sampler
-    batch, _ = engine._rollout(0)
+    batch, _ = engine.rollout(0)
     o = objective.options
 
     # Hand side: the same transformer weights, its own frozen and EMA copies and optimizer.

@@ -44,7 +44,7 @@ def build(args: argparse.Namespace):
         data["prompts_per_step"] = args.prompts_per_step
     spec, notes = build_spec(comps, data, args.option)
     engine = Engine(resolve(comps, spec, notes), run_dir="/tmp/dgpo-bench-gradient-snr", progress=False)
-    engine._build()
+    engine.build()
     return engine
 
 
@@ -64,7 +64,7 @@ def gradient_estimates(engine, steps: list[int]) -> tuple[list[torch.Tensor], li
     rewards = []
     for step in steps:
         ctx.step = step
-        batch, _ = engine._rollout(step)
+        batch, _ = engine.rollout(step)
         engine.backbone.train(True)
         engine.objective.train_step(batch, ctx)
         rewards.append(float(batch.rewards.mean()))
@@ -84,7 +84,7 @@ def line_search(engine, direction: torch.Tensor, sizes: list[float], probe_step:
             for p, t in zip(params, theta):
                 p.copy_(t - size * unit[offset:offset + p.numel()].view_as(p).to(p.dtype))
                 offset += p.numel()
-        batch, _ = engine._rollout(probe_step)
+        batch, _ = engine.rollout(probe_step)
         scores.append(float(batch.rewards.mean()))
     with torch.no_grad():
         for p, t in zip(params, theta):

@@ -80,7 +80,9 @@ class Engine:
         self.notes = list(resolved.notes)
 
     # ------------------------------------------------------------------ setup
-    def _build(self) -> None:
+    def build(self) -> None:
+        """Load the rewards, backbone, samplers and objective (run() calls this; benchmarks that
+        drive single rollouts call it themselves)."""
         r, spec = self.r, self.spec
         torch.manual_seed(spec.seed)
         self.reward_objs: dict[str, Reward] = {}
@@ -157,7 +159,9 @@ class Engine:
             pos += len(take)
         return out
 
-    def _rollout(self, step: int) -> tuple[RolloutBatch, dict[str, np.ndarray]]:
+    def rollout(self, step: int) -> tuple[RolloutBatch, dict[str, np.ndarray]]:
+        """Sample and score this process's share of ``step``'s groups with the current weights;
+        returns the batch the objective trains on and each training reward's raw scores."""
         spec, bb = self.spec, self.backbone
         g = spec.group_size
         rank = self.acc.process_index
@@ -314,7 +318,7 @@ class Engine:
         self.prepare_dir()
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with self.progress:
-            self._build()
+            self.build()
             resumed = self._load_checkpoint()
             if resumed:
                 step, base = resumed
@@ -373,7 +377,7 @@ class Engine:
 
     def _train_step(self, step: int) -> None:
         self.ctx.step = step
-        batch, raw = self._rollout(step)
+        batch, raw = self.rollout(step)
         with self.meter.phase("train"):
             self.backbone.train(True)
             out = self.objective.train_step(batch, self.ctx)

@@ -69,7 +69,7 @@ def test_checkpoint_round_trips_the_ema(tmp_path, capsys, tiny_weights, sharpnes
         spec, notes = build_spec(comps, data, [], source="test")
         e = Engine(resolve(comps, spec, notes), tmp_path / "ck", plugin_versions=comps.versions)
         e.prepare_dir()
-        e._build()
+        e.build()
         engines.append(e)
     a, b = engines
     for t in a.eval_ema.tensors:
