@@ -258,7 +258,7 @@ class Engine:
         return res
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, step: int, base: dict[str, float]) -> None:
+    def _save_checkpoint(self, step: int, base: EvalResult) -> None:
         if not self.main:
             return
         from safetensors.torch import save_file
@@ -270,9 +270,10 @@ class Engine:
             save_file(params, str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": self.ctx.optimizer.state_dict(), "objective": self.objective.state_dict()},
                        tmp / "state.pt")
-            write_json(tmp / "engine.json", {"step": step, "cost": self.meter.snapshot(), "base": base})
+            write_json(tmp / "engine.json", {"step": step, "cost": self.meter.snapshot(), "base": base.scores,
+                                             "base_per_prompt": base.per_prompt})
 
-    def _load_checkpoint(self) -> tuple[int, dict[str, float]] | None:
+    def _load_checkpoint(self) -> tuple[int, EvalResult] | None:
         ck = self.run_dir / CHECKPOINT_DIR
         if not (ck / "engine.json").is_file():
             return None
@@ -298,7 +299,7 @@ class Engine:
         self.ctx.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_state_dict(state["objective"])
         self.meter.restore(info["cost"])
-        return info["step"], info["base"]
+        return info["step"], EvalResult(info["base"], info.get("base_per_prompt", {}), None, [])
 
     # ------------------------------------------------------------------ run
     def prepare_dir(self) -> None:
@@ -326,7 +327,7 @@ class Engine:
                 self.progress.log(f"resuming {self.run_dir} at step {step}")
             else:
                 step = 0
-                base = self._evaluate(0, "base").scores
+                base = self._evaluate(0, "base")
             total = self._steps_in_budget()
             # a seconds-only budget: the bar counts training seconds
             bar_seconds = total is None
@@ -356,7 +357,7 @@ class Engine:
             "seed": self.spec.seed,
             "steps": step,
             "train_reward": self.spec.rewards[0].name,
-            "base": base,
+            "base": base.scores,
             "tuned": final.scores,
             "higher_is_better": {n: self.reward_objs[n].higher_is_better for n in self.eval_names},
             "cost": self._cost(),
@@ -368,7 +369,7 @@ class Engine:
         }
         if self.main:
             write_json(self.run_dir / "per_prompt.json", {"prompts": [p.text for p in self.eval_prompts],
-                                                          "final": final.per_prompt})
+                                                          "base": base.per_prompt, "final": final.per_prompt})
             write_json(self.run_dir / RESULT_FILE, result)
             shutil.rmtree(self.run_dir / CHECKPOINT_DIR, ignore_errors=True)
         for reward in self.reward_objs.values():

@@ -287,6 +287,10 @@ def test_tiny_suite_runs_skips_recovers_and_compares(tmp_path, tiny_weights, cap
         assert res["spec"]["budget"] == {"steps": 2, "seconds": None, "images": None, "reward_calls": None}
         assert set(res["tuned"]) == {"ocr", "sharpness"}
         assert res["cost"]["images"] == 8 and res["cost"]["optimizer_steps"] == 2
+        # per-prompt scores of the base and tuned weights, the base's kept across the resume of dgpo/seed1
+        per_prompt = json.loads((out / m / f"seed{s}" / "per_prompt.json").read_text())
+        for when, scores in (("base", res["base"]), ("final", res["tuned"])):
+            assert {k: sum(v) / len(v) for k, v in per_prompt[when].items()} == pytest.approx(scores, rel=1e-12)
     assert results["dgpo", 0]["spec"]["sampler"]["name"] == "dpm-solver"
     assert results["flow-grpo", 0]["spec"]["sampler"]["name"] == "flow-sde"
 
