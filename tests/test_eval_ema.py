@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dgpo_bench.evaluation import EvalResult
 from test_suite import bench
 
 pytestmark = pytest.mark.usefixtures("sharpness_plugin")
@@ -74,7 +75,7 @@ def test_checkpoint_round_trips_the_ema(tmp_path, capsys, tiny_weights, sharpnes
     a, b = engines
     for t in a.eval_ema.tensors:
         t.add_(1.0)
-    a._save_checkpoint(1, {"ocr": 0.0})
+    a._save_checkpoint(1, EvalResult({"ocr": 0.0}, {"ocr": [0.0]}, None, []))
     b._load_checkpoint()
     assert all(torch.equal(x, y) for x, y in zip(a.eval_ema.tensors, b.eval_ema.tensors))
     assert not all(torch.equal(x, p.float()) for x, p in zip(b.eval_ema.tensors, b.backbone.trainable_parameters()))
