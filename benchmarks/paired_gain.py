@@ -23,23 +23,21 @@ from pathlib import Path
 
 import numpy as np
 
-
-class UsageError(Exception):
-    pass
+from dgpo_bench.errors import SpecError
 
 
-def load(run_dir: Path, reward: str | None) -> tuple[list[str], np.ndarray, np.ndarray, str]:
+def load(run_dir: Path, reward: str | None) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Prompts, base and final per-prompt scores of one run for ``reward`` (default: the first)."""
     path = run_dir / "per_prompt.json"
     if not path.is_file():
-        raise UsageError(f"{run_dir} has no per_prompt.json; pass a finished run's directory.")
+        raise SpecError(f"{run_dir} has no per_prompt.json; pass a finished run's directory.")
     data = json.loads(path.read_text())
     if "base" not in data:
-        raise UsageError(f"{path} has no base scores (written before they were kept); rerun that run.")
+        raise SpecError(f"{path} has no base scores (written before they were kept); rerun that run.")
     name = reward or next(iter(data["final"]))
     if name not in data["final"] or name not in data["base"]:
-        raise UsageError(f"{path} has no scores for reward {name!r}; it has {', '.join(data['final'])}.")
-    return data["prompts"], np.asarray(data["base"][name]), np.asarray(data["final"][name]), name
+        raise SpecError(f"{path} has no scores for reward {name!r}; it has {', '.join(data['final'])}.")
+    return data["prompts"], np.asarray(data["base"][name]), np.asarray(data["final"][name])
 
 
 def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
@@ -65,14 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         loaded = [load(run, args.reward) for run in args.runs]
-    except UsageError as exc:
+    except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
     print("| run | prompts | base | final | gain | 95% CI over prompts | up / down |")
     print("|---|---:|---:|---:|---:|---|---:|")
-    for run, (prompts, base, final, name) in zip(args.runs, loaded):
-        diff = final - base
+    diffs = [final - base for _, base, final in loaded]  # runs may differ in prompt count
+    for run, (prompts, base, final), diff in zip(args.runs, loaded, diffs):
         lo, hi = bootstrap_ci(diff, args.resamples, args.seed)
         print(f"| {run} | {len(prompts)} | {base.mean():.3f} | {final.mean():.3f} | {diff.mean():+.3f} "
               f"| [{lo:+.3f}, {hi:+.3f}] | {(diff > 0).sum()} / {(diff < 0).sum()} |")
@@ -83,11 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(p != prompts for p, *_ in loaded):
         print("\nThe runs were scored on different prompts; not pooled.")
         return 0
-    diffs = np.stack([final - base for _, base, final, _ in loaded])
-    pooled = diffs.mean(axis=0)
+    pooled = np.mean(diffs, axis=0)
     lo, hi = bootstrap_ci(pooled, args.resamples, args.seed)
-    run_gains = diffs.mean(axis=1)
-    spread = f" ± {statistics.stdev(run_gains.tolist()):.3f} (std over runs)" if len(loaded) > 1 else ""
+    spread = f" ± {statistics.stdev(float(d.mean()) for d in diffs):.3f} (std over runs)" if len(loaded) > 1 else ""
     print(f"\npooled over {len(loaded)} run(s): gain {pooled.mean():+.3f}{spread}; "
           f"95% CI over prompts [{lo:+.3f}, {hi:+.3f}]")
     if args.by == "quote-length":
@@ -95,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(n is None for n in lengths):
             print("\nSome prompts have no quoted text; --by quote-length needs the OCR world's prompts.")
             return 0
-        base_all = np.stack([base for _, base, _, _ in loaded]).mean(axis=0)
+        base_all = np.mean([base for _, base, _ in loaded], axis=0)
         print("\n| quoted characters | prompts | base | gain | 95% CI |\n|---:|---:|---:|---:|---|")
         for n in sorted(set(lengths)):
             idx = np.array([length == n for length in lengths])

@@ -1,5 +1,6 @@
 """Shared test setup: offline hubs, few threads, a fresh plugin manager per test."""
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +27,15 @@ def components():
 
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_benchmark(name: str):
+    """The module of ``benchmarks/<name>.py`` (scripts, not an importable package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 TINY_NANO = dict(world="text", height=16, width=32, patch_size=4, num_layers=2, num_attention_heads=2,
                  attention_head_dim=16, joint_attention_dim=32, pooled_projection_dim=32, text_max_len=12,
                  text_layers=1, text_ff_mult=2)

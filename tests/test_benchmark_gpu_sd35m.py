@@ -1,13 +1,11 @@
 """The GPU benchmark script's CPU paths: the refusal without CUDA and a --tiny run."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_sd35m.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(autouse=True)
@@ -19,10 +17,7 @@ def restore_threads():
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_sd35m", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_sd35m")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")

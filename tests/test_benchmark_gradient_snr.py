@@ -1,22 +1,17 @@
 """benchmarks/gradient_snr.py: gradients are captured without moving the weights, and a
 step's gradient is a deterministic function of its index."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gradient_snr.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def snr():
-    spec = importlib.util.spec_from_file_location("gradient_snr", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gradient_snr")
 
 
 @pytest.fixture(autouse=True)

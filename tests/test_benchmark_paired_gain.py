@@ -1,22 +1,17 @@
 """benchmarks/paired_gain.py reads a real run's per-prompt scores and pairs them by prompt."""
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paired_gain.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def paired():
-    spec = importlib.util.spec_from_file_location("paired_gain", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("paired_gain")
 
 
 def rows(out: str) -> list[list[str]]:
