@@ -4,8 +4,9 @@
 
 A run's held-out score is a mean over prompts, and the base model was scored on the same
 prompts with the same noise, so the gain is best read prompt by prompt. For each run this
-reads ``per_prompt.json`` (the base and final score of every held-out prompt) and prints
-the base and final means, the gain with a 95% percentile-bootstrap interval over prompts,
+reads ``per_prompt.json`` (the base and final score of every held-out prompt; with
+``--step N`` the scores of the evaluation at step N from ``metrics.jsonl``) and prints
+the base and tuned means, the gain with a 95% percentile-bootstrap interval over prompts,
 and how many prompts went up and down. With several runs on the same prompts (seeds of one
 method) it also pools them: the per-prompt gain averaged over runs, with its interval over
 prompts, and the seed-to-seed spread of the run gains. ``--by quote-length`` splits the
@@ -26,18 +27,33 @@ import numpy as np
 from dgpo_bench.errors import SpecError
 
 
-def load(run_dir: Path, reward: str | None) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Prompts, base and final per-prompt scores of one run for ``reward`` (default: the first)."""
+def load(run_dir: Path, reward: str | None, step: int | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Prompts, base and tuned per-prompt scores of one run for ``reward`` (default: the first).
+
+    The tuned scores are the final evaluation's, or with ``step`` those of the evaluation
+    made at that step (from ``metrics.jsonl``; the run need not have finished)."""
     path = run_dir / "per_prompt.json"
     if not path.is_file():
-        raise SpecError(f"{run_dir} has no per_prompt.json; pass a finished run's directory.")
+        raise SpecError(f"{run_dir} has no per_prompt.json; pass the directory of a run past its base evaluation.")
     data = json.loads(path.read_text())
     if "base" not in data:
         raise SpecError(f"{path} has no base scores (written before they were kept); rerun that run.")
-    name = reward or next(iter(data["final"]))
-    if name not in data["final"] or name not in data["base"]:
-        raise SpecError(f"{path} has no scores for reward {name!r}; it has {', '.join(data['final'])}.")
-    return data["prompts"], np.asarray(data["base"][name]), np.asarray(data["final"][name])
+    if step is None:
+        if "final" not in data:
+            raise SpecError(f"{run_dir} has not finished; pass --step with the step of one of its evaluations.")
+        tuned = data["final"]
+    else:
+        evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in evals if r["type"] == "eval" and r["label"] != "base" and "per_prompt" in r]
+        at_step = [r["per_prompt"] for r in evals if r["step"] == step]
+        if not at_step:
+            steps = ", ".join(str(r["step"]) for r in evals) or "none"
+            raise SpecError(f"{run_dir} has no per-prompt evaluation at step {step}; it has steps {steps}.")
+        tuned = at_step[-1]
+    name = reward or next(iter(tuned))
+    if name not in tuned or name not in data["base"]:
+        raise SpecError(f"{run_dir} has no scores for reward {name!r}; it has {', '.join(tuned)}.")
+    return data["prompts"], np.asarray(data["base"][name]), np.asarray(tuned[name])
 
 
 def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
@@ -57,17 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished run directories")
     parser.add_argument("--reward", help="reward to read (default: the first in per_prompt.json)")
+    parser.add_argument("--step", type=int, help="pair the evaluation at this step, not the final one")
     parser.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--by", choices=["quote-length"], help="split the pooled gain by prompt group")
     args = parser.parse_args(argv)
     try:
-        loaded = [load(run, args.reward) for run in args.runs]
+        loaded = [load(run, args.reward, args.step) for run in args.runs]
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    print("| run | prompts | base | final | gain | 95% CI over prompts | up / down |")
+    print("| run | prompts | base | tuned | gain | 95% CI over prompts | up / down |")
     print("|---|---:|---:|---:|---:|---|---:|")
     diffs = [final - base for _, base, final in loaded]  # runs may differ in prompt count
     for run, (prompts, base, final), diff in zip(args.runs, loaded, diffs):

@@ -249,7 +249,8 @@ class Engine:
                            self.progress, self.spec.eval.grid, f"eval ({label})")
         if self.main:
             append_jsonl(self.run_dir / METRICS_FILE, {"type": "eval", "step": step, "label": label,
-                                                       "scores": res.scores, "cost": self._cost()})
+                                                       "scores": res.scores, "per_prompt": res.per_prompt,
+                                                       "cost": self._cost()})
             if res.grid is not None:
                 save_grid(self.run_dir / "samples" / f"{label}.png", res.grid, res.grid_prompts)
         else:
@@ -328,6 +329,7 @@ class Engine:
             else:
                 step = 0
                 base = self._evaluate(0, "base")
+                self._write_per_prompt(base)
             total = self._steps_in_budget()
             # a seconds-only budget: the bar counts training seconds
             bar_seconds = total is None
@@ -368,13 +370,18 @@ class Engine:
             "run_dir": str(self.run_dir),
         }
         if self.main:
-            write_json(self.run_dir / "per_prompt.json", {"prompts": [p.text for p in self.eval_prompts],
-                                                          "base": base.per_prompt, "final": final.per_prompt})
+            self._write_per_prompt(base, final)
             write_json(self.run_dir / RESULT_FILE, result)
             shutil.rmtree(self.run_dir / CHECKPOINT_DIR, ignore_errors=True)
         for reward in self.reward_objs.values():
             reward.close()
         return result
+
+    def _write_per_prompt(self, base: EvalResult, final: EvalResult | None = None) -> None:
+        """Every held-out prompt's base score (and final score once there is one)."""
+        if self.main:
+            data = {"prompts": [p.text for p in self.eval_prompts], "base": base.per_prompt}
+            write_json(self.run_dir / "per_prompt.json", data | ({"final": final.per_prompt} if final else {}))
 
     def _train_step(self, step: int) -> None:
         self.ctx.step = step

@@ -26,7 +26,7 @@ def test_reads_a_real_run_and_pairs_the_gain_by_prompt(paired, tiny_weights, tmp
     code = main(["run", "--objective", "dgpo", "--reward", "ocr", "--steps", "1", "--group-size", "2",
                  "--prompts-per-step", "2", "--eval-prompts", "4", "-o", f"nano.weights={tiny_weights}",
                  "-o", "sampler.steps=2", "-o", "eval-sampler.steps=2", "-o", "dgpo.num_timesteps=1",
-                 "-o", "dgpo.trunc_steps=1", "--out", str(run)])
+                 "-o", "dgpo.trunc_steps=1", "--eval-every", "1", "--out", str(run)])
     assert code == 0, capsys.readouterr().err
     capsys.readouterr()
     result = json.loads((run / "result.json").read_text())
@@ -34,6 +34,12 @@ def test_reads_a_real_run_and_pairs_the_gain_by_prompt(paired, tiny_weights, tmp
     (row,) = rows(capsys.readouterr().out)
     assert row[1] == "4" and float(row[2]) == pytest.approx(result["base"]["ocr"], abs=5e-4)
     assert float(row[3]) == pytest.approx(result["tuned"]["ocr"], abs=5e-4)
+
+    # the evaluation at step 1 (from metrics.jsonl) is the final one here; there is none at step 2
+    assert paired.main([str(run), "--step", "1"]) == 0
+    assert rows(capsys.readouterr().out) == [row]
+    assert paired.main([str(run), "--step", "2"]) == 2
+    assert "no per-prompt evaluation at step 2; it has steps 1, 1." in capsys.readouterr().err
 
     # a second "seed" on the same prompts, with known scores: gains +0.5, 0, -0.25, +0.25 per prompt
     other = tmp_path / "other"
@@ -72,3 +78,16 @@ def test_a_run_without_base_scores_is_refused_in_one_line(paired, tmp_path, caps
     assert err.count("\n") == 1 and "no base scores" in err
     assert paired.main([str(tmp_path / "missing")]) == 2
     assert "no per_prompt.json" in capsys.readouterr().err
+
+
+def test_an_unfinished_run_is_read_with_step(paired, tmp_path, capsys):
+    (tmp_path / "per_prompt.json").write_text(json.dumps({"prompts": ["a", "b"], "base": {"ocr": [0.1, 0.3]}}))
+    evals = [{"type": "eval", "step": 0, "label": "base", "per_prompt": {"ocr": [0.1, 0.3]}},
+             {"type": "train", "step": 1},
+             {"type": "eval", "step": 1, "label": "step00001", "per_prompt": {"ocr": [0.5, 0.4]}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    assert paired.main([str(tmp_path)]) == 2
+    assert "has not finished; pass --step" in capsys.readouterr().err
+    assert paired.main([str(tmp_path), "--step", "1", "--reward", "ocr"]) == 0
+    (row,) = rows(capsys.readouterr().out)
+    assert row[1:5] + row[6:] == ["2", "0.200", "0.450", "+0.250", "2 / 0"]

@@ -149,3 +149,19 @@ def test_progress_bars_have_totals_and_stay_off_stdout(capsys, tmp_path, tiny_we
     # with no step count to aim at, the train bar counts training seconds against the budget's
     train = (steps, steps) if "images" in budget else (1e-3, pytest.approx(result["cost"]["train_seconds"], abs=1e-3))
     assert finished == [("eval", 2, 2), *[("rollout", 4, 4)] * steps, ("train", *train), ("eval", 2, 2)]
+
+
+def test_progress_prints_plain_lines_when_stderr_is_not_a_terminal(capsys, tmp_path, tiny_weights, monkeypatch):
+    from dgpo_bench.progress import ProgressReporter
+
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    monkeypatch.setattr(ProgressReporter, "plain_interval", 0.0)  # a line for every update
+    config = tmp_path / "budget.json"
+    config.write_text(json.dumps({"budget": {"steps": 2}}))
+    code, out, err = _main(capsys, "run", "--reward", "ocr", "--config", str(config),
+                           *_tiny_run_args(tiny_weights, tmp_path / "run"), "--json")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("train (reward ")]
+    assert [line.split(": ")[1].split(",")[0] for line in lines] == ["1/2", "2/2"]
+    assert all(" elapsed, eta " in line for line in lines)
+    assert json.loads(out)["steps"] == 2
