@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -161,10 +162,11 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
              eval_every: int = 250, eval_n: int = 256, eval_start: int = 1500, eval_n_early: int = 64,
              guidance_scale: float | None = None, resume: bool = False, keep_states: int = 1,
              ema_warmup: bool = True, reset_ema: bool = False, text_layout: str = "varied",
-             quote_max_len: int = 0, device: str = "cpu", workers: int = 0,
+             quote_max_len: int = 0, device: str = "cpu", workers: int = 0, arch: dict | None = None,
              argv: list[str] | None = None) -> Path:
     """Train; ``workers`` > 0 renders batches in that many processes (``StepBatches``'
     per-step stream) instead of from the run's single rng, for a GPU the renderer would starve.
+    ``arch`` overrides the world's architecture fields of ``NanoConfig`` (e.g. ``patch_size``).
     ``argv``, the command-line arguments that asked for this run, is recorded in run.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +174,7 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
     dev = torch.device(device)
     if bf16 is None:
         bf16 = dev.type == "cpu" and cpu_has_native_bf16()
-    cfg = world_config(world, quote_max_len)
+    cfg = dataclasses.replace(world_config(world, quote_max_len), **(arch or {}))
     cfg.cond_dropout = cond_dropout
     if guidance_scale is not None:
         cfg.guidance_scale = guidance_scale
@@ -211,7 +213,7 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
                 "warmup": warmup, "ema_decay": ema_decay, "grad_clip": grad_clip,
                 "cond_dropout": cond_dropout, "ema_warmup": ema_warmup, "reset_ema": reset_ema,
                 "text_layout": text_layout, "quote_max_len": quote_max_len, "bf16": bf16, "threads": threads,
-                "device": str(dev), "workers": workers,
+                "device": str(dev), "workers": workers, "arch": arch or {},
                 "eval_every": eval_every, "eval_n": eval_n, "argv": argv}
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     log(f"world={world} params={model.num_parameters()/1e6:.3f}M bf16={bf16} threads={threads} "
@@ -319,7 +321,17 @@ def main(argv=None):
                     help="how the text world draws its targets (see dgpo_bench_tasks.text.LAYOUTS)")
     ap.add_argument("--quote-max-len", type=int, default=0,
                     help="text world: embed the quoted target's character positions, up to this length (0: off)")
+    ap.add_argument("--patch-size", type=int, help="pixels per token side (default 4)")
+    ap.add_argument("--layers", type=int, help="MM-DiT blocks (default 4)")
+    ap.add_argument("--heads", type=int, help="attention heads of 64 dims; the width is 64 x heads (default 2)")
     a = ap.parse_args(argv)
+    arch = {k: v for k, v in (("patch_size", a.patch_size), ("num_layers", a.layers),
+                              ("num_attention_heads", a.heads)) if v is not None}
+    if any(v < 1 for v in arch.values()):
+        ap.error("--patch-size, --layers and --heads must be positive")
+    cfg = dataclasses.replace(world_config(a.world), **arch)
+    if cfg.height % cfg.patch_size or cfg.width % cfg.patch_size:
+        ap.error(f"--patch-size must divide the {a.world} world's {cfg.height}x{cfg.width} canvas")
     if a.quote_max_len < 0:
         ap.error("--quote-max-len must be 0 (off) or a positive length")
     if a.workers < 0:
@@ -336,7 +348,7 @@ def main(argv=None):
              threads=a.threads, eval_every=a.eval_every, eval_n=a.eval_n, eval_start=a.eval_start, eval_n_early=a.eval_n_early,
              guidance_scale=a.guidance_scale, resume=a.resume,
              ema_warmup=a.ema_warmup, reset_ema=a.reset_ema, text_layout=a.text_layout,
-             quote_max_len=a.quote_max_len, device=device, workers=a.workers,
+             quote_max_len=a.quote_max_len, device=device, workers=a.workers, arch=arch,
              argv=list(sys.argv[1:] if argv is None else argv))
 
 
