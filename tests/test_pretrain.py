@@ -45,3 +45,20 @@ def test_worker_fed_pretraining_resumes_onto_the_same_stream(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     run = json.loads((tmp_path / "b" / "run.json").read_text())
     assert run["argv"] == [*args, "--out", str(tmp_path / "b"), "--steps", "4", "--resume"]
+
+
+def test_architecture_flags_change_the_model_and_are_checked(tmp_path, capsys):
+    import pytest
+
+    from dgpo_bench_backbones.nano.model import load_nano
+
+    main(["--world", "text", "--seed", "0", "--batch-size", "2", "--threads", "1", "--steps", "1",
+          "--eval-every", "1", "--eval-n", "2", "--eval-n-early", "2", "--bf16", "off",
+          "--patch-size", "8", "--layers", "2", "--out", str(tmp_path / "p8")])
+    model = load_nano(tmp_path / "p8" / "ckpt_000001")
+    assert (model.config.patch_size, model.config.num_layers) == (8, 2)
+    assert model.transformer.pos_embed.proj.kernel_size == (8, 8) and len(model.transformer.transformer_blocks) == 2
+    assert json.loads((tmp_path / "p8" / "run.json").read_text())["arch"] == {"patch_size": 8, "num_layers": 2}
+    with pytest.raises(SystemExit):
+        main(["--world", "text", "--patch-size", "5", "--out", str(tmp_path / "bad")])
+    assert "--patch-size must divide the text world's 32x128 canvas" in capsys.readouterr().err
