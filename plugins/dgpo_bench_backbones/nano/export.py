@@ -111,6 +111,10 @@ def write_pretrain_md(dst: Path, ckpt: Path, summary: dict, bench_res: dict | No
         (f"- trained on {run.get('device')} with {run.get('workers')} data worker process(es); "
          "evaluated below on the CPU" if run.get("device", "cpu") != "cpu" else
          f"- CPU: {_cpu_name()}, {run.get('threads')} torch thread(s), shared with other jobs"),
+        f"- architecture: {cfg['num_layers']} MM-DiT blocks of width "
+        f"{cfg['num_attention_heads'] * cfg['attention_head_dim']} ({cfg['num_attention_heads']} heads), "
+        f"patch {cfg['patch_size']} ({cfg['height'] // cfg['patch_size']}x{cfg['width'] // cfg['patch_size']} "
+        f"image tokens), {cfg['text_max_len']} text tokens",
         f"- parameters: {load_nano(dst).num_parameters() / 1e6:.3f}M; "
         f"file size {(dst / 'model.safetensors').stat().st_size / 1e6:.1f} MB (bf16)",
         f"- default inference: {cfg['num_inference_steps']} Euler steps (diffusers "
