@@ -1,0 +1,109 @@
+"""Speed of nano model variants side by side: one 16-image group and one training step.
+
+    python benchmarks/nano_speed.py                                   # the shipped text model
+    python benchmarks/nano_speed.py --variant patch_size=8 --variant num_layers=2
+    python benchmarks/nano_speed.py --weights runs/pretrain/text_l2/ckpt_003500
+
+For the shipped text model and each variant (the shipped config with one or more fields
+changed, comma-separated, random weights) or checkpoint folder, prints the seconds of a
+group of ``--group`` images sampled with the model's default steps and CFG (issue #3's
+target: 1 s for 16 images, 10 steps) and of one training step (forward and backward of a
+batch of 32, AdamW), best of ``--repeats``, with bf16 autocast as the backbone uses it on
+this CPU, and each as a ratio to the shipped model measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dgpo_bench.errors import SpecError
+from dgpo_bench_backbones.nano.model import build_nano, default_weights_dir, generate, load_nano
+from dgpo_bench_backbones.transformer import cpu_has_native_bf16
+
+
+def parse_variant(text: str, base: dict) -> dict:
+    """``"patch_size=8,num_layers=2"`` -> the base config with those integer fields changed."""
+    changes = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in base or not value.isdigit():
+            raise SpecError(f"Variant {item!r} is not FIELD=INTEGER with a field of the nano config "
+                            f"({', '.join(k for k, v in base.items() if isinstance(v, int))}).")
+        changes[key] = int(value)
+    return {**base, **changes}
+
+
+def time_model(model, prompts: list[str], repeats: int, autocast: bool) -> tuple[float, float]:
+    """(best seconds of one group, best seconds of one batch-32 training step)."""
+    model.eval()
+    generate(model, prompts[:2], autocast=autocast)
+    group = min(_seconds(lambda r=r: generate(model, prompts, seed=r, autocast=autocast)) for r in range(repeats))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    cfg = model.config
+    x0 = torch.randn(32, cfg.channels, cfg.height, cfg.width, generator=torch.Generator().manual_seed(0))
+    batch = (prompts * (32 // len(prompts) + 1))[:32]
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ehs, pooled = model.encode(batch)
+            v = model(x0, torch.rand(32), ehs, pooled)
+        loss = torch.nn.functional.mse_loss(v.float(), x0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()
+    train = min(_seconds(step) for _ in range(repeats))
+    return group, train
+
+
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", action="append", default=[], help="FIELD=N[,FIELD=N]: a changed config")
+    parser.add_argument("--weights", action="append", default=[], help="a checkpoint folder to time")
+    parser.add_argument("--group", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    autocast = cpu_has_native_bf16()
+    shipped = default_weights_dir("text")
+    base = json.loads((shipped / "config.json").read_text())
+    try:
+        models = [("shipped", load_nano(shipped))]
+        models += [(v, build_nano(parse_variant(v, base))) for v in args.variant]
+        for w in args.weights:
+            if not (Path(w) / "config.json").is_file():
+                raise SpecError(f"{w} is not a nano checkpoint folder (no config.json); pass one pretraining wrote.")
+            models.append((w, load_nano(w)))
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    prompts = [f'a sign that says "word{i}"' for i in range(args.group)]
+    print(f"{args.threads} threads, bf16 autocast {autocast}, group of {args.group}, best of {args.repeats}\n")
+    print("| model | parameters | group s | ratio | train step s (batch 32) | ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
+    ref = None
+    for name, model in models:
+        group, train = time_model(model, prompts, args.repeats, autocast)
+        ref = ref or (group, train)
+        print(f"| {name} | {model.num_parameters() / 1e6:.2f}M | {group:.3f} | {group / ref[0]:.2f} "
+              f"| {train:.3f} | {train / ref[1]:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
