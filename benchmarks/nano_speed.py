@@ -29,14 +29,18 @@ from dgpo_bench_backbones.transformer import cpu_has_native_bf16
 
 def parse_variant(text: str, base: dict) -> dict:
     """``"patch_size=8,num_layers=2"`` -> the base config with those integer fields changed."""
+    fields = [k for k, v in base.items() if isinstance(v, int) and not isinstance(v, bool)]
     changes = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in base or not value.isdigit():
-            raise SpecError(f"Variant {item!r} is not FIELD=INTEGER with a field of the nano config "
-                            f"({', '.join(k for k, v in base.items() if isinstance(v, int))}).")
+        if key not in fields or not value.isdigit() or int(value) < 1:
+            raise SpecError(f"Variant {item!r} is not FIELD=N with N >= 1 and FIELD one of {', '.join(fields)}.")
         changes[key] = int(value)
-    return {**base, **changes}
+    cfg = {**base, **changes}
+    if cfg["height"] % cfg["patch_size"] or cfg["width"] % cfg["patch_size"]:
+        raise SpecError(f"Variant {text!r}: patch_size {cfg['patch_size']} does not tile the "
+                        f"{cfg['height']}x{cfg['width']} canvas.")
+    return cfg
 
 
 def time_model(model, prompts: list[str], repeats: int, autocast: bool) -> tuple[float, float]:

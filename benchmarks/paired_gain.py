@@ -43,17 +43,30 @@ def load(run_dir: Path, reward: str | None, step: int | None = None) -> tuple[li
             raise SpecError(f"{run_dir} has not finished; pass --step with the step of one of its evaluations.")
         tuned = data["final"]
     else:
-        evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        evals = [r for r in evals if r["type"] == "eval" and r["label"] != "base" and "per_prompt" in r]
+        evals = [r for r in read_records(run_dir / "metrics.jsonl")
+                 if r.get("type") == "eval" and r.get("label") != "base" and "per_prompt" in r]
         at_step = [r["per_prompt"] for r in evals if r["step"] == step]
         if not at_step:
-            steps = ", ".join(str(r["step"]) for r in evals) or "none"
+            steps = ", ".join(str(n) for n in sorted({r["step"] for r in evals})) or "none"
             raise SpecError(f"{run_dir} has no per-prompt evaluation at step {step}; it has steps {steps}.")
         tuned = at_step[-1]
     name = reward or next(iter(tuned))
     if name not in tuned or name not in data["base"]:
         raise SpecError(f"{run_dir} has no scores for reward {name!r}; it has {', '.join(tuned)}.")
     return data["prompts"], np.asarray(data["base"][name]), np.asarray(tuned[name])
+
+
+def read_records(path: Path) -> list[dict]:
+    """The JSON lines of ``path``, skipping a line cut short by a run that is still writing."""
+    if not path.is_file():
+        raise SpecError(f"{path.parent} has no metrics.jsonl; pass a run directory.")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
@@ -71,7 +84,7 @@ def quote_length(prompt: str) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="finished run directories")
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (finished, or past the evaluation that --step names)")
     parser.add_argument("--reward", help="reward to read (default: the first in per_prompt.json)")
     parser.add_argument("--step", type=int, help="pair the evaluation at this step, not the final one")
     parser.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples (default 10000)")

@@ -326,6 +326,8 @@ class Engine:
                 step, base = resumed
                 self.ctx.step = step
                 self.progress.log(f"resuming {self.run_dir} at step {step}")
+                if base.per_prompt and not (self.run_dir / "per_prompt.json").is_file():
+                    self._write_per_prompt(base)
             else:
                 step = 0
                 base = self._evaluate(0, "base")

@@ -28,7 +28,7 @@ class ProgressReporter:
         self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                              TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                              console=self.console, transient=False) if enabled else None
-        self._plain = enabled and not self.console.is_terminal
+        self._plain = enabled and not (self.console.is_interactive or self.console.is_jupyter)
         self._last_line: float | None = None
 
     def __enter__(self) -> "ProgressReporter":

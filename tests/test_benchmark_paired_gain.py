@@ -39,7 +39,7 @@ def test_reads_a_real_run_and_pairs_the_gain_by_prompt(paired, tiny_weights, tmp
     assert paired.main([str(run), "--step", "1"]) == 0
     assert rows(capsys.readouterr().out) == [row]
     assert paired.main([str(run), "--step", "2"]) == 2
-    assert "no per-prompt evaluation at step 2; it has steps 1, 1." in capsys.readouterr().err
+    assert "no per-prompt evaluation at step 2; it has steps 1." in capsys.readouterr().err
 
     # a second "seed" on the same prompts, with known scores: gains +0.5, 0, -0.25, +0.25 per prompt
     other = tmp_path / "other"
@@ -85,7 +85,10 @@ def test_an_unfinished_run_is_read_with_step(paired, tmp_path, capsys):
     evals = [{"type": "eval", "step": 0, "label": "base", "per_prompt": {"ocr": [0.1, 0.3]}},
              {"type": "train", "step": 1},
              {"type": "eval", "step": 1, "label": "step00001", "per_prompt": {"ocr": [0.5, 0.4]}}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    assert paired.main([str(tmp_path), "--step", "1"]) == 2
+    assert "has no metrics.jsonl" in capsys.readouterr().err
+    # the last line is cut short, as while the run is writing it
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals) + '{"type": "ev')
     assert paired.main([str(tmp_path)]) == 2
     assert "has not finished; pass --step" in capsys.readouterr().err
     assert paired.main([str(tmp_path), "--step", "1", "--reward", "ocr"]) == 0

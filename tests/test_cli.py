@@ -154,7 +154,8 @@ def test_progress_bars_have_totals_and_stay_off_stdout(capsys, tmp_path, tiny_we
 def test_progress_prints_plain_lines_when_stderr_is_not_a_terminal(capsys, tmp_path, tiny_weights, monkeypatch):
     from dgpo_bench.progress import ProgressReporter
 
-    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)  # rich would take it for a terminal
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")
     monkeypatch.setattr(ProgressReporter, "plain_interval", 0.0)  # a line for every update
     config = tmp_path / "budget.json"
     config.write_text(json.dumps({"budget": {"steps": 2}}))

@@ -62,3 +62,16 @@ def test_architecture_flags_change_the_model_and_are_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--world", "text", "--patch-size", "5", "--out", str(tmp_path / "bad")])
     assert "--patch-size must divide the text world's 32x128 canvas" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_architecture_and_refuses_another(tmp_path, capsys):
+    import pytest
+
+    args = ["--world", "text", "--seed", "0", "--batch-size", "2", "--threads", "1", "--eval-every", "1",
+            "--eval-n", "2", "--eval-n-early", "2", "--bf16", "off", "--out", str(tmp_path)]
+    main([*args, "--steps", "1", "--layers", "1"])
+    main([*args, "--steps", "2", "--resume"])  # no flag: the run's own single block
+    assert json.loads((tmp_path / "ckpt_000002" / "config.json").read_text())["num_layers"] == 1
+    with pytest.raises(SystemExit):
+        main([*args, "--steps", "3", "--resume", "--layers", "2"])
+    assert "was pretrained with num_layers=1; resume with the same architecture flags" in capsys.readouterr().err

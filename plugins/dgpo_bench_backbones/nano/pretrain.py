@@ -329,6 +329,15 @@ def main(argv=None):
                               ("num_attention_heads", a.heads)) if v is not None}
     if any(v < 1 for v in arch.values()):
         ap.error("--patch-size, --layers and --heads must be positive")
+    saved = Path(a.out) / "config.json"
+    if a.resume and saved.is_file():  # a resumed run keeps its architecture
+        before = json.loads(saved.read_text())
+        clash = [k for k, v in arch.items() if before.get(k) != v]
+        if clash:
+            ap.error(f"{a.out} was pretrained with " + ", ".join(f"{k}={before.get(k)}" for k in clash)
+                     + "; resume with the same architecture flags or pass another --out")
+        arch = {k: before[k] for k in ("patch_size", "num_layers", "num_attention_heads")
+                if before[k] != getattr(world_config(a.world), k)}
     cfg = dataclasses.replace(world_config(a.world), **arch)
     if cfg.height % cfg.patch_size or cfg.width % cfg.patch_size:
         ap.error(f"--patch-size must divide the {a.world} world's {cfg.height}x{cfg.width} canvas")
