@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from dgpo_bench.errors import SpecError
-from dgpo_bench_backbones.nano.model import build_nano, default_weights_dir, generate, load_nano
+from dgpo_bench_backbones.nano.export import time_nano
+from dgpo_bench_backbones.nano.model import build_nano, default_weights_dir, load_nano
 from dgpo_bench_backbones.transformer import cpu_has_native_bf16
 
 
@@ -41,37 +41,6 @@ def parse_variant(text: str, base: dict) -> dict:
         raise SpecError(f"Variant {text!r}: patch_size {cfg['patch_size']} does not tile the "
                         f"{cfg['height']}x{cfg['width']} canvas.")
     return cfg
-
-
-def time_model(model, prompts: list[str], repeats: int, autocast: bool) -> tuple[float, float]:
-    """(best seconds of one group, best seconds of one batch-32 training step)."""
-    model.eval()
-    generate(model, prompts[:2], autocast=autocast)
-    group = min(_seconds(lambda r=r: generate(model, prompts, seed=r, autocast=autocast)) for r in range(repeats))
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    cfg = model.config
-    x0 = torch.randn(32, cfg.channels, cfg.height, cfg.width, generator=torch.Generator().manual_seed(0))
-    batch = (prompts * (32 // len(prompts) + 1))[:32]
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            ehs, pooled = model.encode(batch)
-            v = model(x0, torch.rand(32), ehs, pooled)
-        loss = torch.nn.functional.mse_loss(v.float(), x0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    step()
-    train = min(_seconds(step) for _ in range(repeats))
-    return group, train
-
-
-def _seconds(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|")
     ref = None
     for name, model in models:
-        group, train = time_model(model, prompts, args.repeats, autocast)
+        group, train = time_nano(model, prompts, args.repeats, autocast)
         ref = ref or (group, train)
         print(f"| {name} | {model.num_parameters() / 1e6:.2f}M | {group:.3f} | {group / ref[0]:.2f} "
               f"| {train:.3f} | {train / ref[1]:.2f} |", flush=True)

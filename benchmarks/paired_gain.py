@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dgpo_bench.errors import SpecError
+from dgpo_bench.results import METRICS_FILE, read_jsonl
 
 
 def load(run_dir: Path, reward: str | None, step: int | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -43,7 +44,10 @@ def load(run_dir: Path, reward: str | None, step: int | None = None) -> tuple[li
             raise SpecError(f"{run_dir} has not finished; pass --step with the step of one of its evaluations.")
         tuned = data["final"]
     else:
-        evals = [r for r in read_records(run_dir / "metrics.jsonl")
+        metrics = run_dir / METRICS_FILE
+        if not metrics.is_file():
+            raise SpecError(f"{run_dir} has no {METRICS_FILE}; pass a run directory.")
+        evals = [r for r in read_jsonl(metrics)
                  if r.get("type") == "eval" and r.get("label") != "base" and "per_prompt" in r]
         at_step = [r["per_prompt"] for r in evals if r["step"] == step]
         if not at_step:
@@ -54,19 +58,6 @@ def load(run_dir: Path, reward: str | None, step: int | None = None) -> tuple[li
     if name not in tuned or name not in data["base"]:
         raise SpecError(f"{run_dir} has no scores for reward {name!r}; it has {', '.join(tuned)}.")
     return data["prompts"], np.asarray(data["base"][name]), np.asarray(tuned[name])
-
-
-def read_records(path: Path) -> list[dict]:
-    """The JSON lines of ``path``, skipping a line cut short by a run that is still writing."""
-    if not path.is_file():
-        raise SpecError(f"{path.parent} has no metrics.jsonl; pass a run directory.")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def bootstrap_ci(values: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:

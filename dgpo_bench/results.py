@@ -184,17 +184,21 @@ def load_run(path: Path) -> RunRecord:
         result = json.loads(result_path.read_text())
     except json.JSONDecodeError as exc:
         raise SpecError(f"{result_path} is corrupt ({exc}); delete the run directory and rerun it.") from None
-    metrics = []
     mpath = path / METRICS_FILE
-    if mpath.is_file():
-        for line in mpath.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    metrics.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash; the finished result.json is authoritative
-    return RunRecord(path, result, metrics)
+    return RunRecord(path, result, read_jsonl(mpath) if mpath.is_file() else [])
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file, skipping blank lines and one cut short by a crash or
+    by a run still writing it."""
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def unfinished_runs(paths: list[Path]) -> list[Path]:

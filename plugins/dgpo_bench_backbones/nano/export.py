@@ -165,38 +165,48 @@ def ship(path: str | Path, n: int = 512, threads: int = 2, with_bench: bool = Fa
 
 def bench(path: str | Path, threads: int = 2, group: int = 16, repeats: int = 3) -> dict:
     """Wall-clock of one group (``group`` images, default steps, CFG) and of one training step."""
-    from .model import generate
-
     torch.set_num_threads(threads)
     model = load_nano(path)
     prompts = [it["prompt"] for it in __import__("dgpo_bench_tasks").load_prompts(model.config.world, "eval")[:group]]
     out = {"threads": threads, "group": group, "num_steps": model.config.num_inference_steps,
            "guidance_scale": model.config.guidance_scale}
     for ac in (False, True):
-        generate(model, prompts[:2], autocast=ac)
-        ts = []
-        for r in range(repeats):
-            t = time.time()
-            generate(model, prompts, seed=r, autocast=ac)
-            ts.append(time.time() - t)
-        out["group_seconds_" + ("bf16" if ac else "fp32")] = min(ts)
+        kind = "bf16" if ac else "fp32"
+        out["group_seconds_" + kind], out["train_step_bs32_seconds_" + kind] = time_nano(model, prompts, repeats, ac)
+    return out
+
+
+def time_nano(model, prompts: list[str], repeats: int, autocast: bool) -> tuple[float, float]:
+    """Best of ``repeats`` seconds of one group (``prompts``, default steps and CFG) and of one
+    AdamW training step on a batch of 32, each after one untimed warm-up."""
+    from .model import generate
+
+    model.eval()
+    generate(model, prompts[:2], autocast=autocast)
+    group = min(_seconds(lambda r=r: generate(model, prompts, seed=r, autocast=autocast)) for r in range(repeats))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    x = torch.randn(32, model.config.channels, model.config.height, model.config.width)
-    for ac in (False, True):
-        ts = []
-        for r in range(repeats + 1):
-            t = time.time()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ac):
-                e, p = model.encode((prompts * 2)[:32])
-                v = model(x, torch.rand(32), e, p)
-            loss = torch.nn.functional.mse_loss(v.float(), x)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            ts.append(time.time() - t)
-        out["train_step_bs32_seconds_" + ("bf16" if ac else "fp32")] = min(ts[1:])
-    return out
+    cfg = model.config
+    x0 = torch.randn(32, cfg.channels, cfg.height, cfg.width, generator=torch.Generator().manual_seed(0))
+    batch = (prompts * (32 // len(prompts) + 1))[:32]
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ehs, pooled = model.encode(batch)
+            v = model(x0, torch.rand(32), ehs, pooled)
+        loss = torch.nn.functional.mse_loss(v.float(), x0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()
+    return group, min(_seconds(step) for _ in range(repeats))
+
+
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def main(argv=None):

@@ -37,6 +37,10 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- worlds
+# NanoConfig fields that pretrain's flags override: field -> argparse destination
+ARCH_FLAGS = {"patch_size": "patch_size", "num_layers": "layers", "num_attention_heads": "heads"}
+
+
 def world_config(world: str, quote_max_len: int = 0) -> NanoConfig:
     if world == "text":
         return NanoConfig(world="text", height=32, width=128, quote_max_len=quote_max_len)
@@ -325,10 +329,10 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, help="MM-DiT blocks (default 4)")
     ap.add_argument("--heads", type=int, help="attention heads of 64 dims; the width is 64 x heads (default 2)")
     a = ap.parse_args(argv)
-    arch = {k: v for k, v in (("patch_size", a.patch_size), ("num_layers", a.layers),
-                              ("num_attention_heads", a.heads)) if v is not None}
+    arch = {field: getattr(a, flag) for field, flag in ARCH_FLAGS.items() if getattr(a, flag) is not None}
     if any(v < 1 for v in arch.values()):
         ap.error("--patch-size, --layers and --heads must be positive")
+    default = world_config(a.world)
     saved = Path(a.out) / "config.json"
     if a.resume and saved.is_file():  # a resumed run keeps its architecture
         before = json.loads(saved.read_text())
@@ -336,9 +340,8 @@ def main(argv=None):
         if clash:
             ap.error(f"{a.out} was pretrained with " + ", ".join(f"{k}={before.get(k)}" for k in clash)
                      + "; resume with the same architecture flags or pass another --out")
-        arch = {k: before[k] for k in ("patch_size", "num_layers", "num_attention_heads")
-                if before[k] != getattr(world_config(a.world), k)}
-    cfg = dataclasses.replace(world_config(a.world), **arch)
+        arch = {k: before[k] for k in ARCH_FLAGS if before[k] != getattr(default, k)}
+    cfg = dataclasses.replace(default, **arch)
     if cfg.height % cfg.patch_size or cfg.width % cfg.patch_size:
         ap.error(f"--patch-size must divide the {a.world} world's {cfg.height}x{cfg.width} canvas")
     if a.quote_max_len < 0:
