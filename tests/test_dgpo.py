@@ -209,6 +209,9 @@ def _two_process_worker(rank: int, port: int, out_dir: str) -> None:
         torch.save({"grads": grads, "adv": adv, "metrics": out.metrics}, os.path.join(out_dir, "two.pt"))
     acc.wait_for_everyone()
     acc.end_training()  # a process that exits with gloo still up can abort ("terminate called ...")
+    # even with the group destroyed, interpreter teardown in a spawned child sometimes aborts the
+    # same way inside the full suite; the results are saved, so leave without running it
+    os._exit(0)
 
 
 def test_group_split_across_two_processes_matches_one_process(tmp_path):
