@@ -23,7 +23,7 @@ import torch
 
 from dgpo_bench.errors import SpecError
 from dgpo_bench_backbones.nano.export import time_nano
-from dgpo_bench_backbones.nano.model import build_nano, default_weights_dir, load_nano
+from dgpo_bench_backbones.nano.model import NanoConfig, build_nano, default_weights_dir, load_nano
 from dgpo_bench_backbones.transformer import cpu_has_native_bf16
 
 
@@ -37,7 +37,7 @@ def parse_variant(text: str, base: dict) -> dict:
             raise SpecError(f"Variant {item!r} is not FIELD=N with N >= 1 and FIELD one of {', '.join(fields)}.")
         changes[key] = int(value)
     cfg = {**base, **changes}
-    if cfg["height"] % cfg["patch_size"] or cfg["width"] % cfg["patch_size"]:
+    if not NanoConfig.from_dict(cfg).patch_tiles_canvas:
         raise SpecError(f"Variant {text!r}: patch_size {cfg['patch_size']} does not tile the "
                         f"{cfg['height']}x{cfg['width']} canvas.")
     return cfg

@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from dgpo_bench_backbones.nano.export import reproduce_args
@@ -48,8 +49,6 @@ def test_worker_fed_pretraining_resumes_onto_the_same_stream(tmp_path):
 
 
 def test_architecture_flags_change_the_model_and_are_checked(tmp_path, capsys):
-    import pytest
-
     from dgpo_bench_backbones.nano.model import load_nano
 
     main(["--world", "text", "--seed", "0", "--batch-size", "2", "--threads", "1", "--steps", "1",
@@ -65,8 +64,6 @@ def test_architecture_flags_change_the_model_and_are_checked(tmp_path, capsys):
 
 
 def test_resume_keeps_the_architecture_and_refuses_another(tmp_path, capsys):
-    import pytest
-
     args = ["--world", "text", "--seed", "0", "--batch-size", "2", "--threads", "1", "--eval-every", "1",
             "--eval-n", "2", "--eval-n-early", "2", "--bf16", "off", "--out", str(tmp_path)]
     main([*args, "--steps", "1", "--layers", "1"])

@@ -80,6 +80,11 @@ class NanoConfig:
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
+    @property
+    def patch_tiles_canvas(self) -> bool:
+        """Whether ``patch_size`` divides both sides of the canvas (the transformer needs it)."""
+        return self.height % self.patch_size == 0 and self.width % self.patch_size == 0
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -342,7 +342,7 @@ def main(argv=None):
                      + "; resume with the same architecture flags or pass another --out")
         arch = {k: before[k] for k in ARCH_FLAGS if before[k] != getattr(default, k)}
     cfg = dataclasses.replace(default, **arch)
-    if cfg.height % cfg.patch_size or cfg.width % cfg.patch_size:
+    if not cfg.patch_tiles_canvas:
         ap.error(f"--patch-size must divide the {a.world} world's {cfg.height}x{cfg.width} canvas")
     if a.quote_max_len < 0:
         ap.error("--quote-max-len must be 0 (off) or a positive length")
