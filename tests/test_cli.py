@@ -29,7 +29,8 @@ def _main(capsys, *argv):
     (["compare", "/no/such/[base]"], "/no/such/[base] does not exist"),  # brackets are not markup
     (["run", "--nope"], "No such option: --nope"),
 ])
-def test_user_errors_are_one_sentence_and_exit_2(capsys, argv, needle):
+def test_user_errors_are_one_sentence_and_exit_2(capsys, monkeypatch, tmp_path, argv, needle):
+    monkeypatch.chdir(tmp_path)  # a run that fails after starting writes its default runs/ folder here
     code, out, err = _main(capsys, *argv)
     assert code == 2
     assert needle in " ".join(err.split())
