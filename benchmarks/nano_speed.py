@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from dgpo_bench.errors import SpecError
+from dgpo_bench.results import cpu_info
 from dgpo_bench_backbones.nano.export import time_nano
 from dgpo_bench_backbones.nano.model import NanoConfig, build_nano, default_weights_dir, load_nano
-from dgpo_bench_backbones.transformer import cpu_has_native_bf16
 
 
 def parse_variant(text: str, base: dict) -> dict:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    autocast = cpu_has_native_bf16()
+    autocast = cpu_info()["native_bf16"]
     shipped = default_weights_dir("text")
     base = json.loads((shipped / "config.json").read_text())
     try:

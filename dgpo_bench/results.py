@@ -135,6 +135,23 @@ def git_revision(cwd: Path | None = None) -> str | None:
         return None
 
 
+def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The CPU's name, family and model, and whether it computes bf16 natively: backbones turn
+    bf16 autocast on where it does, so the same seed gives different numbers on CPUs that
+    differ there. ``cpuinfo`` is /proc/cpuinfo's text (read when None; empty off Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    first = dict(line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
+    first = {k.strip(): v.strip() for k, v in first.items()}
+    flags = set(first.get("flags", "").split())
+    return {"name": first.get("model name") or platform.processor() or None,
+            "family": first.get("cpu family"), "model": first.get("model"),
+            "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"})}
+
+
 def environment() -> dict[str, Any]:
     import torch
 
@@ -149,6 +166,7 @@ def environment() -> dict[str, Any]:
         "versions": versions,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu": cpu_info(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -82,6 +82,7 @@ def test_run_then_eval_print_json_only_on_stdout(capsys, tmp_path, tiny_weights)
     result = json.loads((run_dir / "result.json").read_text())
     assert result["seed"] == 0 and result["steps"] == 1
     assert result["environment"]["versions"]["torch"] and "git_revision" in result["environment"]
+    assert isinstance(result["environment"]["cpu"]["native_bf16"], bool)
     assert (run_dir / "samples" / "base.png").stat().st_size > 0 and (run_dir / "samples" / "final.png").is_file()
     # the weights were written beside, then renamed: no temporary folder is left
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []

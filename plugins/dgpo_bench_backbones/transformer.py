@@ -24,6 +24,7 @@ from pydantic import Field
 
 from dgpo_bench.contracts import Backbone, Conditioning, Options, Prompt
 from dgpo_bench.errors import InvalidOptionsError
+from dgpo_bench.results import cpu_info
 
 from .checkpoints import CorruptWeightsError, corrupt, require_files
 
@@ -170,7 +171,7 @@ class TransformerBackbone(Backbone):
     def _autocast(self) -> bool:
         mode = self.options.autocast
         if mode == "auto":
-            return self.device.type == "cuda" or (self.device.type == "cpu" and cpu_has_native_bf16())
+            return self.device.type == "cuda" or (self.device.type == "cpu" and cpu_info()["native_bf16"])
         return mode == "on"
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -240,14 +241,6 @@ class TransformerBackbone(Backbone):
             for k, v in got.items():
                 params[wanted[k]].copy_(v)
 
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (where autocast speeds a small model up)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pixels_to_uint8(images: torch.Tensor) -> np.ndarray:

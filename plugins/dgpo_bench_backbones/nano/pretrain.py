@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..transformer import cpu_has_native_bf16
+from dgpo_bench.results import cpu_info
+
 from .model import NanoConfig, NanoModel, generate, save_nano, to_uint8
 
 
@@ -177,7 +178,7 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
     torch.set_num_threads(threads)
     dev = torch.device(device)
     if bf16 is None:
-        bf16 = dev.type == "cpu" and cpu_has_native_bf16()
+        bf16 = dev.type == "cpu" and cpu_info()["native_bf16"]
     cfg = dataclasses.replace(world_config(world, quote_max_len), **(arch or {}))
     cfg.cond_dropout = cond_dropout
     if guidance_scale is not None:
