@@ -8,6 +8,7 @@ presence marks a finished run), ``samples/*.png`` and ``weights/``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -135,16 +136,21 @@ def git_revision(cwd: Path | None = None) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
+def _proc_cpuinfo() -> str:
+    """/proc/cpuinfo's text, read once (backbones ask on every forward)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
     """The CPU's name, family and model, and whether it computes bf16 natively: backbones turn
     bf16 autocast on where it does, so the same seed gives different numbers on CPUs that
     differ there. ``cpuinfo`` is /proc/cpuinfo's text (read when None; empty off Linux)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    first = dict(line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
+    text = _proc_cpuinfo() if cpuinfo is None else cpuinfo
+    first = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
     first = {k.strip(): v.strip() for k, v in first.items()}
     flags = set(first.get("flags", "").split())
     return {"name": first.get("model name") or platform.processor() or None,

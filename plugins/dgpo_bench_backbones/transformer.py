@@ -242,7 +242,6 @@ class TransformerBackbone(Backbone):
                 params[wanted[k]].copy_(v)
 
 
-
 def pixels_to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images in [-1, 1] (B, C, H, W) -> uint8 (B, H, W, 3); one channel is repeated to RGB."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
