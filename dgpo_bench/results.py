@@ -136,26 +136,29 @@ def git_revision(cwd: Path | None = None) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=1)
-def _proc_cpuinfo() -> str:
-    """/proc/cpuinfo's text, read once (backbones ask on every forward)."""
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
 def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
     """The CPU's name, family and model, and whether it computes bf16 natively: backbones turn
     bf16 autocast on where it does, so the same seed gives different numbers on CPUs that
-    differ there. ``cpuinfo`` is /proc/cpuinfo's text (read when None; empty off Linux)."""
-    text = _proc_cpuinfo() if cpuinfo is None else cpuinfo
-    first = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    differ there. ``cpuinfo`` is /proc/cpuinfo's text (None: this machine's, parsed once)."""
+    if cpuinfo is None:
+        return dict(_this_cpu())
+    first = dict(line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
     first = {k.strip(): v.strip() for k, v in first.items()}
     flags = set(first.get("flags", "").split())
     return {"name": first.get("model name") or platform.processor() or None,
             "family": first.get("cpu family"), "model": first.get("model"),
             "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"})}
+
+
+@functools.lru_cache(maxsize=1)
+def _this_cpu() -> dict[str, Any]:
+    """This machine's ``cpu_info``, read and parsed once (backbones ask on every forward); without
+    /proc/cpuinfo, family and model are None and bf16 counts as not native."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    return cpu_info(text)
 
 
 def environment() -> dict[str, Any]:
