@@ -338,14 +338,17 @@ class Engine:
             task = self.progress.task("train (s)" if bar_seconds else "train",
                                       self.spec.budget.seconds if bar_seconds else total)
             self.progress.update(task, completed=self.meter.train_seconds if bar_seconds else step)
-            while not self._over_budget(step):
+            done = self._over_budget(step)
+            while not done:
                 self._train_step(step)
                 step += 1
                 self._update_eval_ema(step)
                 self.progress.update(task, completed=self.meter.train_seconds if bar_seconds else step,
                                      description=f"train{' (s)' if bar_seconds else ''} "
                                                  f"(reward {self._last_reward:.3f})")
-                if self.spec.eval.every and step % self.spec.eval.every == 0:
+                done = self._over_budget(step)
+                # the last step's evaluation is the final one, made once below
+                if self.spec.eval.every and step % self.spec.eval.every == 0 and not done:
                     self._evaluate(step, f"step{step:05d}")
                 if self.spec.checkpoint_every and step % self.spec.checkpoint_every == 0:
                     self._save_checkpoint(step, base)

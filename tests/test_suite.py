@@ -304,7 +304,7 @@ def test_tiny_suite_runs_skips_recovers_and_compares(tmp_path, tiny_weights, cap
             values = [results[row["label"], s]["tuned"][reward] for s in (0, 1)]
             assert row["scores"][reward]["values"] == values
             assert row["scores"][reward]["mean"] == pytest.approx(sum(values) / 2, rel=1e-12)
-        assert [p["step"] for p in row["curve"]] == [0, 1, 2, 2]
+        assert [p["step"] for p in row["curve"]] == [0, 1, 2]  # base, step 1, final (not also a step-2 point)
     assert [r["label"] for r in section["rows"]] == ["dgpo", "flow-grpo"]
     assert section["base"]["scores"]["ocr"]["values"] == [results[k]["base"]["ocr"] for k in sorted(results)]
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [

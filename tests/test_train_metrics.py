@@ -1,4 +1,4 @@
-"""Each objective's step diagnostics reach metrics.jsonl: a tiny real run per objective."""
+"""Each objective's step diagnostics and the evaluations reach metrics.jsonl: a tiny real run per objective."""
 
 import json
 import math
@@ -23,6 +23,7 @@ sampler = {{ name = "ode-euler", options = {{ steps = 2 }} }}
 prompts = 2
 batch_size = 2
 grid = 0
+every = 1
 """
 
 RUNS = {
@@ -39,8 +40,11 @@ def train_records(tmp_path, capsys, weights, objective):
     cfg.write_text(SPEC.format(weights=weights, objective=objective, options=options, sampler=sampler))
     code, _, err = bench(capsys, "run", "--config", str(cfg), "--out", str(tmp_path / objective), "--json")
     assert code == 0, err
-    lines = (tmp_path / objective / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["type"] == "train"]
+    records = [json.loads(line) for line in (tmp_path / objective / "metrics.jsonl").read_text().splitlines()]
+    # an evaluation every step, the last one made once, as the final one
+    assert [(r["step"], r["label"]) for r in records if r["type"] == "eval"] == \
+        [(0, "base"), (1, "step00001"), (2, "step00002"), (3, "final")]
+    return [r for r in records if r["type"] == "train"]
 
 
 @pytest.mark.parametrize("objective", sorted(RUNS))
