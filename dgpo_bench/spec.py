@@ -56,12 +56,12 @@ class EvalSpec(_Strict):
     sampler: ComponentRef = Field(default_factory=lambda: ComponentRef(name="ode-euler"))
     rewards: list[ComponentRef] = Field(default_factory=list)
     """Rewards reported but not trained on (the training rewards are always evaluated)."""
-    prompts: int = 256
+    prompts: int = Field(256, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0])
-    every: int = 0
+    every: int = Field(0, ge=0)
     """Evaluate every N optimizer steps (0: only before and after training)."""
-    batch_size: int = 64
-    grid: int = 16
+    batch_size: int = Field(64, ge=1)
+    grid: int = Field(16, ge=0)
     """Number of held-out prompts drawn in the sample grid PNG."""
     ema: EvalEma | None = None
     """Evaluate and export a slow EMA of the weights (None: the current weights)."""
@@ -86,9 +86,9 @@ class RunSpec(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     prompts: PromptFiles = Field(default_factory=PromptFiles)
     seed: int = 0
-    checkpoint_every: int = 0
+    checkpoint_every: int = Field(0, ge=0)
     """Save a resumable checkpoint every N steps (0: only at the end)."""
-    rollout_batch_size: int = 0
+    rollout_batch_size: int = Field(0, ge=0)
     """Images per sampler call during rollouts (0: the whole local batch at once)."""
     log_samples: bool = False
     """Write per-sample rewards and advantages of every step to rollouts.jsonl."""

@@ -22,6 +22,7 @@ def _main(capsys, *argv):
     (["run", "-o", "dgpo.beta_kl", "--dry-run"], "COMPONENT.KEY=VALUE"),
     (["run", "-o", "pickle.x=1", "--dry-run"], "not a component of this run"),
     (["run", "--group-size", "1", "--dry-run"], "group_size"),
+    (["run", "--eval-every", "-1", "--dry-run"], "Invalid setting 'eval.every' in the command line"),
     (["run", "--config", "/no/such/file.toml", "--dry-run"], "does not exist"),
     (["run", "--backbone", "nano", "-o", "nano.weights=/no/such/dir", "--steps", "1"], "/no/such/dir"),
     (["eval", "/no/such/run", "--reward", "ocr"], "not a run directory"),
