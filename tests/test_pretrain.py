@@ -72,3 +72,24 @@ def test_resume_keeps_the_architecture_and_refuses_another(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--steps", "3", "--resume", "--layers", "2"])
     assert "was pretrained with num_layers=1; resume with the same architecture flags" in capsys.readouterr().err
+
+
+def test_init_and_timestep_shift_start_from_weights_and_set_the_sampling_shift(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    args = ["--world", "text", "--seed", "0", "--batch-size", "2", "--threads", "1", "--eval-every", "1",
+            "--eval-n", "2", "--eval-n-early", "2", "--bf16", "off", "--layers", "1"]
+    main([*args, "--steps", "1", "--out", str(tmp_path / "a")])
+    main([*args, "--steps", "1", "--lr", "0", "--timestep-shift", "3", "--init", str(tmp_path / "a" / "ckpt_000001"),
+          "--out", str(tmp_path / "b")])
+    a = load_file(str(tmp_path / "a" / "ckpt_000001" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "ckpt_000001" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: the EMA of the initial weights
+    assert json.loads((tmp_path / "b" / "ckpt_000001" / "config.json").read_text())["shift"] == 3.0
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["init"] == str(tmp_path / "a" / "ckpt_000001")
+    with pytest.raises(SystemExit):
+        main([*args[:-2], "--steps", "1", "--init", str(tmp_path / "a" / "ckpt_000001"), "--out", str(tmp_path / "c")])
+    assert "has num_layers=1; pass weights of the same world and architecture" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--timestep-shift", "0", "--out", str(tmp_path / "d")])
+    assert "--timestep-shift must be positive" in capsys.readouterr().err

@@ -30,7 +30,7 @@ import torch
 
 from dgpo_bench.results import cpu_info
 
-from .model import NanoConfig, NanoModel, generate, save_nano, to_uint8
+from .model import NanoConfig, NanoModel, generate, load_nano, save_nano, to_uint8
 
 
 def log(msg: str) -> None:
@@ -168,10 +168,14 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
              guidance_scale: float | None = None, resume: bool = False, keep_states: int = 1,
              ema_warmup: bool = True, reset_ema: bool = False, text_layout: str = "varied",
              quote_max_len: int = 0, device: str = "cpu", workers: int = 0, arch: dict | None = None,
+             timestep_shift: float = 1.0, init: str | Path | None = None,
              argv: list[str] | None = None) -> Path:
     """Train; ``workers`` > 0 renders batches in that many processes (``StepBatches``'
     per-step stream) instead of from the run's single rng, for a GPU the renderer would starve.
     ``arch`` overrides the world's architecture fields of ``NanoConfig`` (e.g. ``patch_size``).
+    ``timestep_shift`` moves the logit-normal sigmas towards noise as SD3 does for larger
+    images (``shift s / (1 + (shift - 1) s)``) and becomes the checkpoint's sampling shift.
+    ``init``, a nano weights folder of the same architecture, starts the weights and EMA there.
     ``argv``, the command-line arguments that asked for this run, is recorded in run.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,10 +187,13 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
     cfg.cond_dropout = cond_dropout
     if guidance_scale is not None:
         cfg.guidance_scale = guidance_scale
+    cfg.shift = timestep_shift
 
     torch.manual_seed(seed)
     random.seed(seed)
     model = NanoModel(cfg).to(dev)
+    if init is not None:
+        model.load_state_dict(load_nano(init).state_dict())
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
@@ -219,6 +226,7 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
                 "cond_dropout": cond_dropout, "ema_warmup": ema_warmup, "reset_ema": reset_ema,
                 "text_layout": text_layout, "quote_max_len": quote_max_len, "bf16": bf16, "threads": threads,
                 "device": str(dev), "workers": workers, "arch": arch or {},
+                "timestep_shift": timestep_shift, "init": str(init) if init is not None else None,
                 "eval_every": eval_every, "eval_n": eval_n, "argv": argv}
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     log(f"world={world} params={model.num_parameters()/1e6:.3f}M bf16={bf16} threads={threads} "
@@ -243,6 +251,7 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
             prompts, x0 = training_batch(world, rng, batch_size, cond_dropout, text_layout)
         eps = torch.randn(x0.shape, generator=gen)
         s = torch.sigmoid(torch.randn(batch_size, generator=gen))
+        s = timestep_shift * s / (1 + (timestep_shift - 1) * s)
         x0, eps, s = x0.to(dev), eps.to(dev), s.to(dev)
         sv = s.view(-1, 1, 1, 1)
         xt = (1 - sv) * x0 + sv * eps
@@ -329,6 +338,9 @@ def main(argv=None):
     ap.add_argument("--patch-size", type=int, help="pixels per token side (default 4)")
     ap.add_argument("--layers", type=int, help="MM-DiT blocks (default 4)")
     ap.add_argument("--heads", type=int, help="attention heads of 64 dims; the width is 64 x heads (default 2)")
+    ap.add_argument("--timestep-shift", type=float, default=1.0,
+                    help="shift the training sigmas towards noise (SD3's resolution shift; also the sampling shift)")
+    ap.add_argument("--init", help="start from this nano weights folder (same world and architecture)")
     a = ap.parse_args(argv)
     arch = {field: getattr(a, flag) for field, flag in ARCH_FLAGS.items() if getattr(a, flag) is not None}
     if any(v < 1 for v in arch.values()):
@@ -347,6 +359,17 @@ def main(argv=None):
         ap.error(f"--patch-size must divide the {a.world} world's {cfg.height}x{cfg.width} canvas")
     if a.quote_max_len < 0:
         ap.error("--quote-max-len must be 0 (off) or a positive length")
+    if a.timestep_shift <= 0:
+        ap.error("--timestep-shift must be positive (1: no shift)")
+    if a.init is not None:
+        init_cfg = Path(a.init) / "config.json"
+        if not init_cfg.is_file():
+            ap.error(f"--init {a.init} is not a nano weights folder (no config.json); pass a ckpt_* or weights folder")
+        got = json.loads(init_cfg.read_text())
+        clash = [k for k in ("world", "height", "width", *ARCH_FLAGS) if got.get(k) != getattr(cfg, k)]
+        if clash:
+            ap.error(f"--init {a.init} has " + ", ".join(f"{k}={got.get(k)}" for k in clash)
+                     + "; pass weights of the same world and architecture")
     if a.workers < 0:
         ap.error("--workers must be 0 (render in this process) or a positive number of processes")
     try:
@@ -362,6 +385,7 @@ def main(argv=None):
              guidance_scale=a.guidance_scale, resume=a.resume,
              ema_warmup=a.ema_warmup, reset_ema=a.reset_ema, text_layout=a.text_layout,
              quote_max_len=a.quote_max_len, device=device, workers=a.workers, arch=arch,
+             timestep_shift=a.timestep_shift, init=a.init,
              argv=list(sys.argv[1:] if argv is None else argv))
 
 
