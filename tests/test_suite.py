@@ -1,12 +1,9 @@
 """Suites: parsing, resolution of every cell, equal-budget checks, and a tiny suite through
 the CLI (skipping finished cells, going on after a failing one, resuming, compare)."""
 
-import _thread
 import json
 import os
 import shutil
-import threading
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -217,14 +214,19 @@ options = {{ sampler = {{ steps = 3 }} }}
 """
 
 
-def interrupt_once(path, stop, timeout=900):
-    """Ctrl-C the main thread as soon as ``path`` exists (unless ``stop`` is set first)."""
-    deadline = time.monotonic() + timeout
-    while not stop.is_set() and time.monotonic() < deadline:
-        if path.is_file():
-            _thread.interrupt_main()
-            return
-        time.sleep(0.005)
+def interrupt_after_first_checkpoint(monkeypatch, run_dir):
+    """Ctrl-C (a KeyboardInterrupt in the main thread) once the run in ``run_dir`` has written
+    its first checkpoint: at a fixed point, however loaded the machine is."""
+    from dgpo_bench.engine import Engine
+
+    save = Engine._save_checkpoint
+
+    def save_then_interrupt(engine, step, base):
+        save(engine, step, base)
+        if engine.run_dir == run_dir:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "_save_checkpoint", save_then_interrupt)
 
 
 def bench(capsys, *argv):
@@ -240,12 +242,9 @@ def test_tiny_suite_runs_skips_recovers_and_compares(tmp_path, tiny_weights, cap
     out = tmp_path / "runs"
 
     # an interrupted suite: Ctrl-C in the second dgpo cell once its first checkpoint is on disk
-    stop = threading.Event()
-    watcher = threading.Thread(target=interrupt_once, daemon=True,
-                               args=(out / "dgpo" / "seed1" / "checkpoint" / "engine.json", stop))
-    watcher.start()
-    code, _, err = bench(capsys, "bench", str(suite), "--out", str(out), "--only", "dgpo")
-    stop.set()
+    with pytest.MonkeyPatch.context() as mp:
+        interrupt_after_first_checkpoint(mp, out / "dgpo" / "seed1")
+        code, _, err = bench(capsys, "bench", str(suite), "--out", str(out), "--only", "dgpo")
     assert code == 130 and "Interrupted" in err, err
     done = (out / "dgpo" / "seed0" / "result.json").read_bytes()
     assert not (out / "dgpo" / "seed1" / "result.json").exists() and not (out / "flow-grpo").exists()
