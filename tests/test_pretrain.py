@@ -90,6 +90,10 @@ def test_init_and_timestep_shift_start_from_weights_and_set_the_sampling_shift(t
     with pytest.raises(SystemExit):
         main([*args[:-2], "--steps", "1", "--init", str(tmp_path / "a" / "ckpt_000001"), "--out", str(tmp_path / "c")])
     assert "has num_layers=1; pass weights of the same world and architecture" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the text encoder's quote embeddings are part of the weights too
+        main([*args, "--steps", "1", "--quote-max-len", "4", "--init", str(tmp_path / "a" / "ckpt_000001"),
+              "--out", str(tmp_path / "c")])
+    assert "has quote_max_len=0; pass weights of the same world and architecture" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--timestep-shift", "0", "--out", str(tmp_path / "d")])
     assert "--timestep-shift must be positive" in capsys.readouterr().err

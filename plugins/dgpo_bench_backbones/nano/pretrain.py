@@ -40,6 +40,8 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- worlds
 # NanoConfig fields that pretrain's flags override: field -> argparse destination
 ARCH_FLAGS = {"patch_size": "patch_size", "num_layers": "layers", "num_attention_heads": "heads"}
+# NanoConfig fields that are training or sampling settings, not part of the weights' shapes
+SAMPLING_FIELDS = {"guidance_scale", "num_inference_steps", "shift", "cond_dropout"}
 
 
 def world_config(world: str, quote_max_len: int = 0) -> NanoConfig:
@@ -365,10 +367,12 @@ def main(argv=None):
         init_cfg = Path(a.init) / "config.json"
         if not init_cfg.is_file():
             ap.error(f"--init {a.init} is not a nano weights folder (no config.json); pass a ckpt_* or weights folder")
-        got = json.loads(init_cfg.read_text())
-        clash = [k for k in ("world", "height", "width", *ARCH_FLAGS) if got.get(k) != getattr(cfg, k)]
+        got = NanoConfig.from_dict(json.loads(init_cfg.read_text()))
+        want = dataclasses.replace(cfg, quote_max_len=a.quote_max_len)
+        clash = [f.name for f in dataclasses.fields(NanoConfig)
+                 if f.name not in SAMPLING_FIELDS and getattr(got, f.name) != getattr(want, f.name)]
         if clash:
-            ap.error(f"--init {a.init} has " + ", ".join(f"{k}={got.get(k)}" for k in clash)
+            ap.error(f"--init {a.init} has " + ", ".join(f"{k}={getattr(got, k)}" for k in clash)
                      + "; pass weights of the same world and architecture")
     if a.workers < 0:
         ap.error("--workers must be 0 (render in this process) or a positive number of processes")
