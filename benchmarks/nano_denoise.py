@@ -19,20 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dgpo_bench_backbones.nano.export import ground_truth
 from dgpo_bench_backbones.nano.model import default_weights_dir, load_nano, to_uint8
 from dgpo_bench_backbones.nano.pretrain import Scorer, grid, to_tensor
 from dgpo_bench_tasks import load_prompts
-
-
-def ground_truth(world: str, items: list[dict], seed: int, text_layout: str) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if world == "shapes":
-        from dgpo_bench_tasks.shapes import render_scene
-
-        return np.stack([render_scene(it["metadata"]["scene"], rng, train_only_colors=False) for it in items])
-    from dgpo_bench_tasks.text import render_text
-
-    return np.stack([render_text(it["metadata"]["target"], rng, layout=text_layout) for it in items])
 
 
 @torch.no_grad()

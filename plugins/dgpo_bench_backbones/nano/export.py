@@ -20,21 +20,24 @@ from .model import default_weights_dir, load_nano, save_nano
 from .pretrain import Scorer, evaluate, grid
 
 
+def ground_truth(world: str, items: list[dict], seed: int, text_layout: str = "varied") -> np.ndarray:
+    """uint8 renders of the prompts' targets (quoted text or scene), drawn from one rng."""
+    rng = np.random.default_rng(seed)
+    if world == "text":
+        from dgpo_bench_tasks.text import render_text
+
+        return np.stack([render_text(it["metadata"]["target"], rng, layout=text_layout) for it in items])
+    from dgpo_bench_tasks.shapes import render_scene
+
+    return np.stack([render_scene(it["metadata"]["scene"], rng, train_only_colors=False) for it in items])
+
+
 def ceiling(world: str, n: int = 512, seed: int = 0) -> dict:
     """Score of ground-truth renders of the held-out prompts (reward ceiling)."""
     from dgpo_bench_tasks import load_prompts
 
     items = load_prompts(world, "eval")[:n]
-    rng = np.random.default_rng(seed)
-    if world == "text":
-        from dgpo_bench_tasks.text import render_text
-
-        imgs = np.stack([render_text(it["metadata"]["target"], rng) for it in items])
-    else:
-        from dgpo_bench_tasks.shapes import render_scene
-
-        imgs = np.stack([render_scene(it["metadata"]["scene"], rng, train_only_colors=False) for it in items])
-    res = Scorer(world)(imgs, [it["metadata"] for it in items])
+    res = Scorer(world)(ground_truth(world, items, seed), [it["metadata"] for it in items])
     return {"score": res["score"], "exact": res["exact"], "n": len(items)}
 
 
