@@ -72,6 +72,9 @@ def test_resume_keeps_the_architecture_and_refuses_another(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--steps", "3", "--resume", "--layers", "2"])
     assert "was pretrained with num_layers=1; resume with the same architecture flags" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--steps", "3", "--resume", "--quote-max-len", "4"])
+    assert "was pretrained with quote_max_len=0; resume with the same architecture flags" in capsys.readouterr().err
 
 
 def test_init_and_timestep_shift_start_from_weights_and_set_the_sampling_shift(tmp_path, capsys):

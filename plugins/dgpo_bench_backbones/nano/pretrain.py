@@ -352,6 +352,8 @@ def main(argv=None):
     if a.resume and saved.is_file():  # a resumed run keeps its architecture
         before = json.loads(saved.read_text())
         clash = [k for k, v in arch.items() if before.get(k) != v]
+        if before.get("quote_max_len", 0) != a.quote_max_len:  # the text encoder's shape too
+            clash.append("quote_max_len")
         if clash:
             ap.error(f"{a.out} was pretrained with " + ", ".join(f"{k}={before.get(k)}" for k in clash)
                      + "; resume with the same architecture flags or pass another --out")
