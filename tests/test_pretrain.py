@@ -16,15 +16,23 @@ from dgpo_bench_backbones.nano.pretrain import StepBatches, main
 
 
 def test_step_batches_depend_only_on_seed_and_step():
-    ds = StepBatches("text", seed=3, batch_size=6, cond_dropout=0.5, text_layout="simple")
+    ds = StepBatches("text", seed=3, batch_size=6, cond_dropout=0.5, layout="simple")
     p4, x4 = ds[4]
     loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(3, 6), num_workers=2)
     batches = list(loader)
     assert batches[1][0] == p4 and torch.equal(batches[1][1], x4)  # a worker renders the same batch 4
     assert x4.shape == (6, 3, 32, 128) and x4.min() >= -1 and x4.max() <= 1
     assert "" in p4 and any(p for p in p4)  # dropout 0.5 empties some prompts, not all
-    other = StepBatches("text", seed=4, batch_size=6, cond_dropout=0.5, text_layout="simple")[4]
+    other = StepBatches("text", seed=4, batch_size=6, cond_dropout=0.5, layout="simple")[4]
     assert not torch.equal(other[1], x4)
+
+
+def test_layout_flag_reaches_the_shapes_world():
+    """--layout simple draws shapes-world targets in the fixed slots, not at random places."""
+    varied, simple = (StepBatches("shapes", seed=0, batch_size=32, cond_dropout=0.0, layout=lay)[0][1]
+                      for lay in ("varied", "simple"))
+    ink = lambda x: (x < 0.99).any(1).any(0)  # noqa: E731  (any image's non-white pixels, H x W)
+    assert not ink(simple)[:5].any() and ink(varied)[:5].any()
 
 
 def test_reproduce_args_pins_out_and_steps():

@@ -91,3 +91,20 @@ def test_ragged_blobs_are_not_objects():
     speckled[holes & (solid != 255).any(-1)] = 255
     assert [o["shape"] for o in detect_objects(solid)] == ["square"]
     assert detect_objects(speckled) == []
+
+
+def test_patch_sized_tiles_are_not_objects():
+    """Solid tiles smaller than the smallest drawn object (what a patch-8 model paints at
+    random places) earn no credit; the smallest object the world draws still counts."""
+    from PIL import Image, ImageDraw
+
+    from dgpo_bench_tasks.shapes import detect_objects
+
+    tiles = np.full((64, 64, 3), 255, np.uint8)
+    tiles[8:16, 8:16] = COLORS["red"]
+    tiles[40:48, 24:32] = COLORS["blue"]
+    tiles[30:38, 50:54] = COLORS["green"]
+    assert detect_objects(tiles) == []
+    smallest = np.full((64, 64, 3), 255, np.uint8)
+    ImageDraw.Draw(pil := Image.fromarray(smallest)).polygon([(5, 0), (0, 10), (10, 10)], fill=COLORS["red"])
+    assert [o["shape"] for o in detect_objects(np.asarray(pil))] == ["triangle"]  # side 11, as drawn at 4 objects

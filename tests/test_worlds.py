@@ -80,14 +80,30 @@ def test_prompt_files_match_generator():
         assert make_prompts(world, "eval")[:50] == load_prompts(world, "eval")[:50]
 
 
-def test_shapes_checker_on_ground_truth():
+@pytest.mark.parametrize("layout", ["varied", "simple"])
+def test_shapes_checker_on_ground_truth(layout):
     rng = np.random.default_rng(0)
     scores = []
     for split in ("train", "eval"):
         for i in range(36):
             scene = S.sample_scene(rng, split, S.CATEGORIES[i % len(S.CATEGORIES)])
-            scores.append(S.check_scene(S.render_scene(scene, rng), scene))
+            scores.append(S.check_scene(S.render_scene(scene, rng, layout=layout), scene))
     assert np.mean(scores) >= 0.98
+
+
+def test_shapes_simple_layout_puts_objects_in_fixed_slots():
+    circle, square = ({"shape": s, "color": None, "count": 1} for s in ("circle", "square"))
+    pos = {"category": "position", "relation": "right of", "objects": [circle, square]}
+    a, b = (S.render_scene(pos, np.random.default_rng(i), layout="simple") for i in (1, 2))
+    assert ((a != 255).any(-1) == (b != 255).any(-1)).all()  # same places, whatever the colours
+    found = sorted(S.detect_objects(a), key=lambda o: o["cx"])
+    assert [o["shape"] for o in found] == ["square", "circle"]  # the circle is right of the square
+    assert S.check_scene(a, pos) == 1.0
+    below = {**pos, "relation": "below"}
+    assert [o["shape"] for o in sorted(S.detect_objects(S.render_scene(below, layout="simple")),
+                                       key=lambda o: o["cy"])] == ["square", "circle"]
+    with pytest.raises(ValueError, match="layout 'grid'"):
+        S.render_scene(pos, layout="grid")
 
 
 def test_shapes_checker_partial_credit():

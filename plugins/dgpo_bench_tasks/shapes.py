@@ -47,6 +47,7 @@ HELDOUT_POSITION = {("circle", "left of", "square"), ("square", "above", "triang
 
 # checker parameters
 MIN_AREA = 20           # px; smaller components are noise
+MIN_SIDE = 9            # px of bounding-box width and height; drawn objects are >= 11, patch-sized tiles smaller
 COLOR_TOL = 90.0        # max RGB distance to a palette colour
 REL_MARGIN = 4.0        # px the centroids must differ by along the relation axis
 MIN_SOLIDITY = 0.9      # pixel area / convex-hull area; ragged blobs are not objects
@@ -163,16 +164,51 @@ def _draw(draw, shape, x0, y0, s, color):
         raise ValueError(shape)
 
 
+def _simple_boxes(scene: dict, height: int, width: int) -> list[tuple[int, int, int]]:
+    """Fixed slots, one box per object in prompt order: one object centred; two side by side
+    (stacked for above/below; the relation's subject on its side); three or four in the
+    quadrants, row by row."""
+    objs = scene["objects"]
+    total = sum(o.get("count", 1) for o in objs)
+    size = 22 if total == 1 else 18 if total == 2 else 14
+    lo, mid, hi = height // 4, height // 2, 3 * height // 4
+    left, centre, right = width // 4, width // 2, 3 * width // 4
+    if total == 1:
+        centres = [(centre, mid)]
+    elif total == 2:
+        rel = scene.get("relation")
+        centres = [(centre, lo), (centre, hi)] if rel in ("above", "below") else [(left, mid), (right, mid)]
+        if rel in ("right of", "below"):
+            centres.reverse()
+    else:
+        centres = [(left, lo), (right, lo), (left, hi), (right, hi)][:total]
+    return [(cx - size // 2, cy - size // 2, size) for cx, cy in centres]
+
+
 def render_scene(scene: dict, rng: np.random.Generator | None = None, train_only_colors: bool = True,
-                 height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
+                 height: int = HEIGHT, width: int = WIDTH, layout: str = "varied") -> np.ndarray:
     """Render a scene consistent with its prompt into uint8 HxWx3 (white background).
 
     Objects whose colour is unspecified get a random palette colour (avoiding held-out
-    colour/shape pairs when ``train_only_colors``).  Position relations are satisfied
-    with a clear margin along the relation axis, which also dominates the other axis."""
+    colour/shape pairs when ``train_only_colors``). ``layout="varied"`` draws random sizes
+    and places (position relations hold with a clear margin along the relation axis, which
+    also dominates the other axis); ``"simple"`` puts objects of one size per count in
+    fixed slots (``_simple_boxes``)."""
     from PIL import Image, ImageDraw
 
     rng = rng if rng is not None else np.random.default_rng(0)
+    if layout == "simple":
+        img = Image.new("RGB", (width, height), WHITE)
+        draw = ImageDraw.Draw(img)
+        shapes = [o for o in scene["objects"] for _ in range(o.get("count", 1))]
+        colours: dict[int, str] = {}
+        for o, (x0, y0, s) in zip(shapes, _simple_boxes(scene, height, width)):
+            col = o.get("color") or colours.get(id(o)) or _pick(rng, _allowed_colors(o["shape"], train_only_colors))
+            colours[id(o)] = col
+            _draw(draw, o["shape"], x0, y0, s, COLORS[col])
+        return np.asarray(img, dtype=np.uint8).copy()
+    if layout != "varied":
+        raise ValueError(f"layout {layout!r} is not 'varied' or 'simple'")
     for _attempt in range(100):
         img = Image.new("RGB", (width, height), WHITE)
         draw = ImageDraw.Draw(img)
@@ -275,7 +311,7 @@ def detect_objects(image: np.ndarray) -> list[dict]:
         n, cc, stats, cents = cv2.connectedComponentsWithStats(m, connectivity=8)
         for k in range(1, n):
             area = int(stats[k, cv2.CC_STAT_AREA])
-            if area < MIN_AREA:
+            if area < MIN_AREA or min(stats[k, cv2.CC_STAT_WIDTH], stats[k, cv2.CC_STAT_HEIGHT]) < MIN_SIDE:
                 continue
             comp = cc == k
             if solidity(comp) < MIN_SOLIDITY:

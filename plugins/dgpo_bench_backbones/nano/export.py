@@ -20,16 +20,17 @@ from .model import default_weights_dir, load_nano, save_nano
 from .pretrain import Scorer, evaluate, grid
 
 
-def ground_truth(world: str, items: list[dict], seed: int, text_layout: str = "varied") -> np.ndarray:
+def ground_truth(world: str, items: list[dict], seed: int, layout: str = "varied") -> np.ndarray:
     """uint8 renders of the prompts' targets (quoted text or scene), drawn from one rng."""
     rng = np.random.default_rng(seed)
     if world == "text":
         from dgpo_bench_tasks.text import render_text
 
-        return np.stack([render_text(it["metadata"]["target"], rng, layout=text_layout) for it in items])
+        return np.stack([render_text(it["metadata"]["target"], rng, layout=layout) for it in items])
     from dgpo_bench_tasks.shapes import render_scene
 
-    return np.stack([render_scene(it["metadata"]["scene"], rng, train_only_colors=False) for it in items])
+    return np.stack([render_scene(it["metadata"]["scene"], rng, train_only_colors=False, layout=layout)
+                     for it in items])
 
 
 def ceiling(world: str, n: int = 512, seed: int = 0) -> dict:
@@ -108,7 +109,7 @@ def write_pretrain_md(dst: Path, ckpt: Path, summary: dict, bench_res: dict | No
         f"- seed {run.get('seed', 0)}, batch {run.get('batch_size', 32)}, AdamW lr {run.get('lr')} "
         f"(warmup {run.get('warmup')}), EMA {run.get('ema_decay')} (warm-up {run.get('ema_warmup')}), "
         f"condition dropout {run.get('cond_dropout')}, bf16 autocast {run.get('bf16')}, "
-        f"text layout {run.get('text_layout', 'varied')}, quote embedding {run.get('quote_max_len', 0)}",
+        f"layout {run.get('layout', run.get('text_layout', 'varied'))}, quote embedding {run.get('quote_max_len', 0)}",
         f"- steps {step}; training minutes {rec.get('train_minutes', float('nan')):.1f} "
         f"(train loss, last 100 steps: {rec.get('loss', float('nan')):.4f})",
         (f"- trained on {run.get('device')} with {run.get('workers')} data worker process(es); "

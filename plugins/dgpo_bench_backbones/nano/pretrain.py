@@ -3,7 +3,7 @@
     python -m dgpo_bench_backbones.nano.pretrain --world text --seed 0 --out runs/pretrain/text --steps 5000
     # on a GPU, with batches rendered by three worker processes (the shipped text recipe):
     python -m dgpo_bench_backbones.nano.pretrain --world text --seed 0 --device cuda --workers 3 \
-        --batch-size 128 --quote-max-len 16 --text-layout simple --out runs/gpu/s128 --steps 3500
+        --batch-size 128 --quote-max-len 16 --layout simple --out runs/gpu/s128 --steps 3500
 
 Rectified flow (SD3), logit-normal sigma, AdamW, EMA, 10% condition dropout (prompt -> "")
 so classifier-free guidance works.  Every ``eval_every`` steps the EMA model is sampled
@@ -52,7 +52,7 @@ def world_config(world: str, quote_max_len: int = 0) -> NanoConfig:
     raise ValueError(world)
 
 
-def sample_batch(world: str, rng: np.random.Generator, n: int, text_layout: str = "varied"):
+def sample_batch(world: str, rng: np.random.Generator, n: int, layout: str = "varied"):
     """(prompts, uint8 images n x H x W x 3) from the world's training distribution."""
     if world == "text":
         from dgpo_bench_tasks import text as T
@@ -61,7 +61,7 @@ def sample_batch(world: str, rng: np.random.Generator, n: int, text_layout: str 
         for _ in range(n):
             p, target = T.sample_example(rng, "train")
             prompts.append(p)
-            imgs.append(T.render_text(target, rng, layout=text_layout))
+            imgs.append(T.render_text(target, rng, layout=layout))
         return prompts, np.stack(imgs)
     if world == "shapes":
         from dgpo_bench_tasks import shapes as S
@@ -70,7 +70,7 @@ def sample_batch(world: str, rng: np.random.Generator, n: int, text_layout: str 
         for _ in range(n):
             scene = S.sample_scene(rng, "train")
             prompts.append(S.scene_prompt(scene))
-            imgs.append(S.render_scene(scene, rng))
+            imgs.append(S.render_scene(scene, rng, layout=layout))
         return prompts, np.stack(imgs)
     raise ValueError(world)
 
@@ -107,9 +107,9 @@ def to_tensor(imgs: np.ndarray) -> torch.Tensor:
 
 
 def training_batch(world: str, rng: np.random.Generator, n: int, cond_dropout: float,
-                   text_layout: str) -> tuple[list[str], torch.Tensor]:
+                   layout: str) -> tuple[list[str], torch.Tensor]:
     """(prompts, each emptied with probability ``cond_dropout``; images in [-1, 1])."""
-    prompts, imgs = sample_batch(world, rng, n, text_layout)
+    prompts, imgs = sample_batch(world, rng, n, layout)
     drop = rng.random(n) < cond_dropout
     return ["" if d else p for p, d in zip(prompts, drop)], to_tensor(imgs)
 
@@ -118,13 +118,13 @@ class StepBatches(torch.utils.data.Dataset):
     """Batch ``i`` of a run, drawn from an rng seeded by (seed, i): the stream does not
     depend on how many worker processes render it, and resuming needs no rng state."""
 
-    def __init__(self, world: str, seed: int, batch_size: int, cond_dropout: float, text_layout: str):
+    def __init__(self, world: str, seed: int, batch_size: int, cond_dropout: float, layout: str):
         self.world, self.seed, self.batch_size = world, seed, batch_size
-        self.cond_dropout, self.text_layout = cond_dropout, text_layout
+        self.cond_dropout, self.layout = cond_dropout, layout
 
     def __getitem__(self, i: int):
         return training_batch(self.world, np.random.default_rng([self.seed, i]), self.batch_size,
-                              self.cond_dropout, self.text_layout)
+                              self.cond_dropout, self.layout)
 
 
 def grid(images: np.ndarray, cols: int = 4) -> np.ndarray:
@@ -168,7 +168,7 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
              cond_dropout: float = 0.1, bf16: bool | None = None, threads: int = 2,
              eval_every: int = 250, eval_n: int = 256, eval_start: int = 1500, eval_n_early: int = 64,
              guidance_scale: float | None = None, resume: bool = False, keep_states: int = 1,
-             ema_warmup: bool = True, reset_ema: bool = False, text_layout: str = "varied",
+             ema_warmup: bool = True, reset_ema: bool = False, layout: str = "varied",
              quote_max_len: int = 0, device: str = "cpu", workers: int = 0, arch: dict | None = None,
              timestep_shift: float = 1.0, init: str | Path | None = None,
              argv: list[str] | None = None) -> Path:
@@ -226,7 +226,7 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
     run_info = {"world": world, "steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr,
                 "warmup": warmup, "ema_decay": ema_decay, "grad_clip": grad_clip,
                 "cond_dropout": cond_dropout, "ema_warmup": ema_warmup, "reset_ema": reset_ema,
-                "text_layout": text_layout, "quote_max_len": quote_max_len, "bf16": bf16, "threads": threads,
+                "layout": layout, "quote_max_len": quote_max_len, "bf16": bf16, "threads": threads,
                 "device": str(dev), "workers": workers, "arch": arch or {},
                 "timestep_shift": timestep_shift, "init": str(init) if init is not None else None,
                 "eval_every": eval_every, "eval_n": eval_n, "argv": argv}
@@ -242,7 +242,7 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
     batches = None
     if workers:
         batches = iter(torch.utils.data.DataLoader(
-            StepBatches(world, seed, batch_size, cond_dropout, text_layout),
+            StepBatches(world, seed, batch_size, cond_dropout, layout),
             batch_size=None, sampler=range(step, steps), num_workers=workers, prefetch_factor=4))
     model.train()
     while step < steps:
@@ -250,7 +250,7 @@ def pretrain(world: str, out: str | Path, steps: int = 5000, seed: int = 0, batc
         if batches is not None:
             prompts, x0 = next(batches)
         else:
-            prompts, x0 = training_batch(world, rng, batch_size, cond_dropout, text_layout)
+            prompts, x0 = training_batch(world, rng, batch_size, cond_dropout, layout)
         eps = torch.randn(x0.shape, generator=gen)
         s = torch.sigmoid(torch.randn(batch_size, generator=gen))
         s = timestep_shift * s / (1 + (timestep_shift - 1) * s)
@@ -333,8 +333,9 @@ def main(argv=None):
     ap.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false",
                     help="plain EMA from step 0 (default: decay min(ema_decay, (1+n)/(10+n)))")
     ap.add_argument("--reset-ema", action="store_true", help="on --resume, restart the EMA from the current weights")
-    ap.add_argument("--text-layout", choices=["varied", "simple"], default="varied",
-                    help="how the text world draws its targets (see dgpo_bench_tasks.text.LAYOUTS)")
+    ap.add_argument("--layout", "--text-layout", dest="layout", choices=["varied", "simple"], default="varied",
+                    help="how the world draws its targets: random or fixed sizes and places "
+                         "(dgpo_bench_tasks.text.LAYOUTS, dgpo_bench_tasks.shapes.render_scene)")
     ap.add_argument("--quote-max-len", type=int, default=0,
                     help="text world: embed the quoted target's character positions, up to this length (0: off)")
     ap.add_argument("--patch-size", type=int, help="pixels per token side (default 4)")
@@ -389,7 +390,7 @@ def main(argv=None):
              warmup=a.warmup, ema_decay=a.ema_decay, cond_dropout=a.cond_dropout, bf16=bf16,
              threads=a.threads, eval_every=a.eval_every, eval_n=a.eval_n, eval_start=a.eval_start, eval_n_early=a.eval_n_early,
              guidance_scale=a.guidance_scale, resume=a.resume,
-             ema_warmup=a.ema_warmup, reset_ema=a.reset_ema, text_layout=a.text_layout,
+             ema_warmup=a.ema_warmup, reset_ema=a.reset_ema, layout=a.layout,
              quote_max_len=a.quote_max_len, device=device, workers=a.workers, arch=arch,
              timestep_shift=a.timestep_shift, init=a.init,
              argv=list(sys.argv[1:] if argv is None else argv))
