@@ -33,7 +33,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sigmas", default="0.3,0.6,0.8,0.9,0.95,0.98")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--text-layout", default="simple", help="text world layout of the renders (the shipped recipe's)")
+    ap.add_argument("--layout", choices=["varied", "simple"],
+                    help="layout of the renders (default: the shipped recipe's, simple for text, varied for shapes)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grid", help="save a PNG of the ground truth and the predictions here")
     a = ap.parse_args(argv)
@@ -46,7 +47,7 @@ def main(argv=None) -> None:
         ap.error(f"{a.weights} holds {model.config.world}-world weights; pass --world {model.config.world}")
     items = load_prompts(a.world, "eval")[: a.n]
     metas = [it["metadata"] for it in items]
-    gt = ground_truth(a.world, items, a.seed, a.text_layout)
+    gt = ground_truth(a.world, items, a.seed, a.layout or {"text": "simple", "shapes": "varied"}[a.world])
     x0 = to_tensor(gt)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(a.seed))
     scorer = Scorer(a.world, a.threads)
