@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layout", choices=["varied", "simple"],
-                    help="layout of the renders (default: the shipped recipe's, simple for text, varied for shapes)")
+                    help="layout of the renders (default: simple, the shipped recipes' for both worlds)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grid", help="save a PNG of the ground truth and the predictions here")
     a = ap.parse_args(argv)
@@ -47,7 +47,7 @@ def main(argv=None) -> None:
         ap.error(f"{a.weights} holds {model.config.world}-world weights; pass --world {model.config.world}")
     items = load_prompts(a.world, "eval")[: a.n]
     metas = [it["metadata"] for it in items]
-    gt = ground_truth(a.world, items, a.seed, a.layout or {"text": "simple", "shapes": "varied"}[a.world])
+    gt = ground_truth(a.world, items, a.seed, a.layout or "simple")
     x0 = to_tensor(gt)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(a.seed))
     scorer = Scorer(a.world, a.threads)

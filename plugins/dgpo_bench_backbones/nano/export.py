@@ -33,12 +33,17 @@ def ground_truth(world: str, items: list[dict], seed: int, layout: str = "varied
                      for it in items])
 
 
-def ceiling(world: str, n: int = 512, seed: int = 0) -> dict:
+def run_layout(run: dict) -> str:
+    """The layout a pretraining run drew its targets in (run.json; ``text_layout`` before 2026-11-27)."""
+    return run.get("layout", run.get("text_layout", "varied"))
+
+
+def ceiling(world: str, n: int = 512, seed: int = 0, layout: str = "varied") -> dict:
     """Score of ground-truth renders of the held-out prompts (reward ceiling)."""
     from dgpo_bench_tasks import load_prompts
 
     items = load_prompts(world, "eval")[:n]
-    res = Scorer(world)(ground_truth(world, items, seed), [it["metadata"] for it in items])
+    res = Scorer(world)(ground_truth(world, items, seed, layout), [it["metadata"] for it in items])
     return {"score": res["score"], "exact": res["exact"], "n": len(items)}
 
 
@@ -99,17 +104,17 @@ def write_pretrain_md(dst: Path, ckpt: Path, summary: dict, bench_res: dict | No
         f"`python -m dgpo_bench_backbones.nano.export ship {ckpt} --n {summary['n']}`.", "",
         "## Command", "",
         "```",
-        f"python -m dgpo_bench_backbones.nano.pretrain {reproduce_args(run.get('argv', [])[1:], run_dir, step)}",
+        f"python -m dgpo_bench_backbones.nano.pretrain {reproduce_args(run.get('argv', []), run_dir, step)}",
         "```", "",
         "(the learning rate is constant after warm-up and the data stream does not depend on `--steps`, "
         "so stopping a longer run at this step gives the same weights; last invocation: "
-        f"`python -m dgpo_bench_backbones.nano.pretrain {' '.join(run.get('argv', [])[1:])}`)", "",
+        f"`python -m dgpo_bench_backbones.nano.pretrain {' '.join(run.get('argv', []))}`)", "",
         notes, "",
         "## Facts", "",
         f"- seed {run.get('seed', 0)}, batch {run.get('batch_size', 32)}, AdamW lr {run.get('lr')} "
         f"(warmup {run.get('warmup')}), EMA {run.get('ema_decay')} (warm-up {run.get('ema_warmup')}), "
         f"condition dropout {run.get('cond_dropout')}, bf16 autocast {run.get('bf16')}, "
-        f"layout {run.get('layout', run.get('text_layout', 'varied'))}, quote embedding {run.get('quote_max_len', 0)}",
+        f"layout {run_layout(run)}, quote embedding {run.get('quote_max_len', 0)}",
         f"- steps {step}; training minutes {rec.get('train_minutes', float('nan')):.1f} "
         f"(train loss, last 100 steps: {rec.get('loss', float('nan')):.4f})",
         (f"- trained on {run.get('device')} with {run.get('workers')} data worker process(es); "
@@ -156,7 +161,9 @@ def ship(path: str | Path, n: int = 512, threads: int = 2, with_bench: bool = Fa
     Image.fromarray(grid(res["images"][:16], 2 if world == "text" else 4)).save(dst / "samples.png")
     summary = {k: res[k] for k in ("score", "exact", "n", "guidance_scale", "num_steps", "seconds")}
     summary["source_checkpoint"] = str(path)
-    summary["ceiling"] = ceiling(world, n=n)
+    run_file = path.parent / "run.json"
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    summary["ceiling"] = ceiling(world, n=n, layout=run_layout(run))
     summary["sample_prompts"] = res["prompts"][:16]
     bench_res = bench(dst, threads=threads) if with_bench else None
     if bench_res:
