@@ -1,6 +1,8 @@
 """Compositional world (GenEval-like), procedurally generated, nothing downloaded.
 
-Scenes of flat coloured circles / squares / triangles on a white 64x64 canvas.
+Scenes of flat coloured circles / squares / triangles on a white 64x64 canvas, at random
+sizes and places (layout ``varied``) or in fixed slots (``simple``, what the shipped nano
+shapes model was pretrained on).
 Categories as GenEval: single_object, two_object, counting, colors, position,
 color_attr.  A scene is a JSON-serialisable dict::
 
