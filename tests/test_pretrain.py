@@ -3,6 +3,7 @@ that PRETRAIN.md prints to reproduce a shipped checkpoint."""
 
 import json
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dgpo_bench_backbones.nano.export import reproduce_args
+from dgpo_bench_backbones.nano.export import reproduce_args, write_pretrain_md
 from dgpo_bench_backbones.nano.pretrain import StepBatches, main
 
 
@@ -98,14 +99,10 @@ def test_init_and_timestep_shift_start_from_weights_and_set_the_sampling_shift(t
     assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: the EMA of the initial weights
     assert json.loads((tmp_path / "b" / "ckpt_000001" / "config.json").read_text())["shift"] == 3.0
     assert json.loads((tmp_path / "b" / "run.json").read_text())["init"] == str(tmp_path / "a" / "ckpt_000001")
-    from dgpo_bench_backbones.nano.export import write_pretrain_md
-
-    import shutil
-
     shutil.copytree(tmp_path / "b" / "ckpt_000001", tmp_path / "ship")
     write_pretrain_md(tmp_path / "ship", tmp_path / "b" / "ckpt_000001",
                       {"score": 0.5, "exact": 0.1, "n": 2, "ceiling": {"score": 1.0, "exact": 1.0}, "sample_prompts": []})
-    assert (f"nano.pretrain --world text --seed 0 --batch-size 2 --threads 1" in
+    assert ("nano.pretrain --world text --seed 0 --batch-size 2 --threads 1" in
             (tmp_path / "ship" / "PRETRAIN.md").read_text())  # the reproducing command keeps every flag
     with pytest.raises(SystemExit):
         main([*args[:-2], "--steps", "1", "--init", str(tmp_path / "a" / "ckpt_000001"), "--out", str(tmp_path / "c")])

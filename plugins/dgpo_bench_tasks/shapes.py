@@ -202,12 +202,11 @@ def render_scene(scene: dict, rng: np.random.Generator | None = None, train_only
     if layout == "simple":
         img = Image.new("RGB", (width, height), WHITE)
         draw = ImageDraw.Draw(img)
-        shapes = [o for o in scene["objects"] for _ in range(o.get("count", 1))]
-        colours: dict[int, str] = {}
-        for o, (x0, y0, s) in zip(shapes, _simple_boxes(scene, height, width)):
-            col = o.get("color") or colours.get(id(o)) or _pick(rng, _allowed_colors(o["shape"], train_only_colors))
-            colours[id(o)] = col
-            _draw(draw, o["shape"], x0, y0, s, COLORS[col])
+        boxes = iter(_simple_boxes(scene, height, width))
+        for o in scene["objects"]:
+            col = o.get("color") or _pick(rng, _allowed_colors(o["shape"], train_only_colors))
+            for x0, y0, s in itertools.islice(boxes, o.get("count", 1)):
+                _draw(draw, o["shape"], x0, y0, s, COLORS[col])
         return np.asarray(img, dtype=np.uint8).copy()
     if layout != "varied":
         raise ValueError(f"layout {layout!r} is not 'varied' or 'simple'")

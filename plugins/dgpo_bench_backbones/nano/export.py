@@ -33,6 +33,12 @@ def ground_truth(world: str, items: list[dict], seed: int, layout: str = "varied
                      for it in items])
 
 
+def read_run(run_dir: Path) -> dict:
+    """A pretraining run's run.json ({} for a folder without one)."""
+    f = Path(run_dir) / "run.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
 def run_layout(run: dict) -> str:
     """The layout a pretraining run drew its targets in (run.json; ``text_layout`` before 2026-11-27)."""
     return run.get("layout", run.get("text_layout", "varied"))
@@ -95,7 +101,7 @@ def write_pretrain_md(dst: Path, ckpt: Path, summary: dict, bench_res: dict | No
     step = int(ckpt.name.split("_")[-1])
     log = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines() if l.strip()] \
         if (run_dir / "log.jsonl").exists() else []
-    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    run = read_run(run_dir)
     rec = next((r for r in log if r["step"] == step), {})
     cfg = json.loads((dst / "config.json").read_text())
     lines = [
@@ -161,9 +167,7 @@ def ship(path: str | Path, n: int = 512, threads: int = 2, with_bench: bool = Fa
     Image.fromarray(grid(res["images"][:16], 2 if world == "text" else 4)).save(dst / "samples.png")
     summary = {k: res[k] for k in ("score", "exact", "n", "guidance_scale", "num_steps", "seconds")}
     summary["source_checkpoint"] = str(path)
-    run_file = path.parent / "run.json"
-    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
-    summary["ceiling"] = ceiling(world, n=n, layout=run_layout(run))
+    summary["ceiling"] = ceiling(world, n=n, layout=run_layout(read_run(path.parent)))
     summary["sample_prompts"] = res["prompts"][:16]
     bench_res = bench(dst, threads=threads) if with_bench else None
     if bench_res:

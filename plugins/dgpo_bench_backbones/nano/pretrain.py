@@ -44,6 +44,13 @@ ARCH_FLAGS = {"patch_size": "patch_size", "num_layers": "layers", "num_attention
 SAMPLING_FIELDS = {"guidance_scale", "num_inference_steps", "shift", "cond_dropout"}
 
 
+def shape_clash(got: NanoConfig, want: NanoConfig) -> list[str]:
+    """Fields, other than training and sampling settings, in which two configs differ: where
+    weights of one do not fit a model of the other."""
+    return [f.name for f in dataclasses.fields(NanoConfig)
+            if f.name not in SAMPLING_FIELDS and getattr(got, f.name) != getattr(want, f.name)]
+
+
 def world_config(world: str, quote_max_len: int = 0) -> NanoConfig:
     if world == "text":
         return NanoConfig(world="text", height=32, width=128, quote_max_len=quote_max_len)
@@ -351,14 +358,13 @@ def main(argv=None):
     default = world_config(a.world)
     saved = Path(a.out) / "config.json"
     if a.resume and saved.is_file():  # a resumed run keeps its architecture
-        before = json.loads(saved.read_text())
-        clash = [k for k, v in arch.items() if before.get(k) != v]
-        if before.get("quote_max_len", 0) != a.quote_max_len:  # the text encoder's shape too
-            clash.append("quote_max_len")
+        before = NanoConfig.from_dict(json.loads(saved.read_text()))
+        # flags left out keep the run's values; the quote length always counts (its default is 0)
+        clash = shape_clash(before, dataclasses.replace(before, **arch, quote_max_len=a.quote_max_len))
         if clash:
-            ap.error(f"{a.out} was pretrained with " + ", ".join(f"{k}={before.get(k)}" for k in clash)
+            ap.error(f"{a.out} was pretrained with " + ", ".join(f"{k}={getattr(before, k)}" for k in clash)
                      + "; resume with the same architecture flags or pass another --out")
-        arch = {k: before[k] for k in ARCH_FLAGS if before[k] != getattr(default, k)}
+        arch = {k: getattr(before, k) for k in ARCH_FLAGS if getattr(before, k) != getattr(default, k)}
     cfg = dataclasses.replace(default, **arch)
     if not cfg.patch_tiles_canvas:
         ap.error(f"--patch-size must divide the {a.world} world's {cfg.height}x{cfg.width} canvas")
@@ -371,9 +377,7 @@ def main(argv=None):
         if not init_cfg.is_file():
             ap.error(f"--init {a.init} is not a nano weights folder (no config.json); pass a ckpt_* or weights folder")
         got = NanoConfig.from_dict(json.loads(init_cfg.read_text()))
-        want = dataclasses.replace(cfg, quote_max_len=a.quote_max_len)
-        clash = [f.name for f in dataclasses.fields(NanoConfig)
-                 if f.name not in SAMPLING_FIELDS and getattr(got, f.name) != getattr(want, f.name)]
+        clash = shape_clash(got, dataclasses.replace(cfg, quote_max_len=a.quote_max_len))
         if clash:
             ap.error(f"--init {a.init} has " + ", ".join(f"{k}={getattr(got, k)}" for k in clash)
                      + "; pass weights of the same world and architecture")
