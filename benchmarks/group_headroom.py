@@ -38,7 +38,9 @@ def sample_scores(args: argparse.Namespace) -> tuple[str, np.ndarray]:
     from dgpo_bench.runtime import build_for_eval
 
     comps = load_components(get_plugin_manager())
-    session = build_for_eval(comps, args.run, None, [{"name": args.reward}], None, args.prompts, args.option)
+    reward = args.reward or (None if args.run else "ocr")  # a run's own reward by default
+    session = build_for_eval(comps, args.run, None, [{"name": reward}] if reward else [], None, args.prompts,
+                             args.option)
     name = next(iter(session.rewards))
     rows = []
     with session.progress:
@@ -67,7 +69,7 @@ def headroom(scores: np.ndarray) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", nargs="?", type=Path, help="a run directory whose trained weights to sample (default: the base)")
-    ap.add_argument("--reward", default="ocr")
+    ap.add_argument("--reward", help="reward to score (default: the run's first, else ocr)")
     ap.add_argument("--samples", type=int, default=16, help="images per prompt, N (default 16, the nano group size)")
     ap.add_argument("--prompts", type=int, help="held-out prompts (default: the run's own, else 256)")
     ap.add_argument("-o", "--option", action="append", default=[], help="COMPONENT.KEY=VALUE, as in eval")

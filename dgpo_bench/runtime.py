@@ -45,6 +45,8 @@ def build_for_eval(comps: Components, run_dir: Path | None, backbone: str | None
             data["backbone"] = run_spec["backbone"]
         if not rewards:
             data["rewards"] = [{"name": r["name"], "options": r.get("options", {})} for r in run_spec["rewards"]]
+        else:
+            _check_run_world(comps, run_dir, run_spec["rewards"], data["rewards"])
         if sampler is None:
             data["eval"]["sampler"] = run_spec["eval"]["sampler"]
         if n_prompts is None:
@@ -74,3 +76,17 @@ def build_for_eval(comps: Components, run_dir: Path | None, backbone: str | None
         progress.log(f"[dim]{default_prompts_note(bb.name, ['eval'])}")
     prompts = source.prompts("eval") if source else backbone_prompts(bb, "eval")
     return EvalSession(bb, smp, reward_objs, prompts[: data["eval"]["prompts"]], acc, progress)
+
+
+def _check_run_world(comps: Components, run_dir: Path, trained: list[dict[str, Any]],
+                     chosen: list[dict[str, Any]]) -> None:
+    """Refuse rewards of another prompt world than the run trained in (its weights would not fit)."""
+    def known(refs):  # (name, world) of rewards that declare their world before loading
+        return [(ref["name"], cls.world) for ref in refs
+                if not (cls := comps.rewards.get(ref["name"])).declared_at_load and cls.world is not None]
+
+    ran, asked = known(trained), known(chosen)
+    if ran and asked and ran[0][1] != asked[0][1]:
+        raise SpecError(f"{run_dir} was trained in the {ran[0][1]} world (reward '{ran[0][0]}') but reward "
+                        f"'{asked[0][0]}' scores the {asked[0][1]} world; score it with a {ran[0][1]}-world "
+                        f"reward (e.g. --reward {ran[0][0]}), or leave --reward out to use the run's own.")

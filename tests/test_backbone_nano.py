@@ -215,6 +215,16 @@ def test_missing_and_corrupt_weights(weights, tmp_path):
         make(weights, lora_rank=2, lora_target_modules=["no_such_layer"])
 
 
+def test_trained_weights_of_another_model_name_the_tensor_that_does_not_fit(tmp_path):
+    shapes = NanoBackbone({"world": "shapes", "autocast": "off"})
+    shapes.load(CPU)
+    shapes.save_trainable(tmp_path)  # full fine-tuning: the whole 64x64 transformer
+    text = NanoBackbone({"world": "text", "autocast": "off"})
+    text.load(CPU)
+    with pytest.raises(CorruptWeightsError, match=r"does not fit this backbone \(size mismatch for pos_embed"):
+        text.load_trainable(tmp_path)
+
+
 def test_lora_init_depends_only_on_the_run_seed(weights):
     def init(seed):
         bb = NanoBackbone({"weights": str(weights), "lora_rank": 4, "autocast": "off"})

@@ -94,6 +94,10 @@ def test_run_then_eval_print_json_only_on_stdout(capsys, tmp_path, tiny_weights)
     assert list(scores) == ["ocr"] and isinstance(scores["ocr"], float)
     assert scores["ocr"] == result["tuned"]["ocr"]  # same weights, prompts, seed and sampler as the final eval
 
+    code, out, err = _main(capsys, "eval", str(run_dir), "--reward", "compositional")  # another world's reward
+    assert code == 2 and out == ""
+    assert "was trained in the text world (reward 'ocr') but reward 'compositional' scores the shapes world" in " ".join(err.split())
+
 
 def test_a_folder_replaced_atomically_is_kept_whole_when_writing_fails(tmp_path):
     from dgpo_bench.results import replaced_atomically

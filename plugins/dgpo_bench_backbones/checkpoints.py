@@ -26,3 +26,12 @@ def corrupt(what: str, path: Path, exc: BaseException) -> CorruptWeightsError:
     """The error for a weight file that exists but fails to load."""
     detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     return CorruptWeightsError(f"The {what} at {path} could not be loaded ({detail}); re-create or re-download it.")
+
+
+def misfit(what: str, path: Path, exc: RuntimeError) -> CorruptWeightsError:
+    """The error for a state dict that torch refuses: names the first tensor that does not fit."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) < 2:
+        return corrupt(what, path, exc)
+    return CorruptWeightsError(f"The {what} at {path} does not fit this backbone ({lines[1][:200].rstrip('.')}); "
+                               "load it with the backbone options it was trained with (for nano: its world).")

@@ -26,7 +26,7 @@ from dgpo_bench.contracts import Backbone, Conditioning, Options, Prompt
 from dgpo_bench.errors import InvalidOptionsError
 from dgpo_bench.results import cpu_info
 
-from .checkpoints import CorruptWeightsError, corrupt, require_files
+from .checkpoints import CorruptWeightsError, corrupt, misfit, require_files
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -216,7 +216,7 @@ class TransformerBackbone(Backbone):
             try:
                 self.transformer.load_state_dict(state, strict=True)
             except RuntimeError as exc:
-                raise corrupt("trained transformer", directory / FULL_DIR, exc) from None
+                raise misfit("trained transformer", directory / FULL_DIR, exc) from None
             return
         require_files(directory, [LORA_FILE], "LoRA weights", fix + " with lora_rank > 0")
         path = directory / LORA_FILE
