@@ -81,9 +81,9 @@ def build_for_eval(comps: Components, run_dir: Path | None, backbone: str | None
 def _check_run_world(comps: Components, run_dir: Path, trained: list[dict[str, Any]],
                      chosen: list[dict[str, Any]]) -> None:
     """Refuse rewards of another prompt world than the run trained in (its weights would not fit)."""
-    def known(refs):  # (name, world) of rewards that declare their world before loading
-        return [(ref["name"], cls.world) for ref in refs
-                if not (cls := comps.rewards.get(ref["name"])).declared_at_load and cls.world is not None]
+    def known(refs):  # (name, world) of installed rewards that declare their world before loading
+        classes = [(ref["name"], comps.rewards.get(ref["name"])) for ref in refs if ref["name"] in comps.rewards]
+        return [(name, cls.world) for name, cls in classes if not cls.declared_at_load and cls.world is not None]
 
     ran, asked = known(trained), known(chosen)
     if ran and asked and ran[0][1] != asked[0][1]:
