@@ -28,7 +28,8 @@ SPEC_FILE, METRICS_FILE, RESULT_FILE = "spec.resolved.json", "metrics.jsonl", "r
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename over it."""
+    """Write ``data`` to a temporary file beside ``path``, then rename over it. The file gets the
+    permissions a plain ``open`` would give it (mkstemp's own are owner-only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -36,6 +37,9 @@ def write_atomic(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -99,6 +99,23 @@ def test_run_then_eval_print_json_only_on_stdout(capsys, tmp_path, tiny_weights)
     assert "was trained in the text world (reward 'ocr') but reward 'compositional' scores the shapes world" in " ".join(err.split())
 
 
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    import os
+
+    from dgpo_bench.results import write_atomic
+
+    umask = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "result.json", b"{}")
+        (tmp_path / "plain.json").write_bytes(b"{}")
+    finally:
+        os.umask(umask)
+    mode = (tmp_path / "result.json").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0o600
+    assert (tmp_path / "result.json").read_bytes() == b"{}" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "plain.json", "result.json"]
+
+
 def test_a_folder_replaced_atomically_is_kept_whole_when_writing_fails(tmp_path):
     from dgpo_bench.results import replaced_atomically
 
