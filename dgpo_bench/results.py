@@ -14,7 +14,7 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
+import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -28,21 +28,19 @@ SPEC_FILE, METRICS_FILE, RESULT_FILE = "spec.resolved.json", "metrics.jsonl", "r
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename over it. The file gets the
-    permissions a plain ``open`` would give it (mkstemp's own are owner-only)."""
+    """Write ``data`` to a temporary file beside ``path``, then rename over it. The file is
+    created as a plain ``open`` would create it (mode 0o666 less the umask; mkstemp's is 0o600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
