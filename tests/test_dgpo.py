@@ -35,9 +35,10 @@ def close(got, want, tol=2e-5):
     return bool((got - want).abs().max() <= tol * want.abs().max())
 
 
-def per_sample(bb, batch, obj, ctx, j, s, weights=None):
+def per_sample(bb, batch, obj, ctx, j, s, weights=None, eps=None):
     """(L, L_ref, v, v_ref) at timestep j, sigma s: plain velocity losses, policy with autograd."""
-    eps = obj.timestep_noise(ctx, batch.group_ids, j, batch.latents.shape[1:])
+    if eps is None:
+        eps = obj.timestep_noise(ctx, batch.group_ids, j, batch.latents.shape[1:])
     x0 = batch.latents
     x_t, target = (1 - s) * x0 + s * eps, eps - x0
     if weights is None:
@@ -75,6 +76,27 @@ def test_surrogate_gradient_is_the_log_sigmoid_gradient(form, micro):
     w = torch.sigmoid(torch.stack(s_all))
     assert out.metrics["group_weight_mean"] == pytest.approx(float(w.mean()), abs=1e-5)
     assert torch.allclose(out.advantages, adv, atol=1e-5)
+
+
+def test_rollout_noise_trains_each_sample_between_its_own_noise_and_image():
+    beta = 200.0
+    opts = {"beta_dpo": beta, "beta_kl": 0.0, "trust_region": False, "num_timesteps": 2, "trunc_steps": 3,
+            "loss_form": "paper", "grad_clip": 0.0}
+    bb, batch, obj, ctx = setup({**opts, "rollout_noise": True})
+    adv = plain_advantages(REWARDS, G, global_std=True)
+    sigmas = obj.draw_timesteps(ctx, batch.sigmas)
+    total = 0.0
+    for j, s in enumerate(sigmas):
+        L, L_ref, _, _ = per_sample(bb, batch, obj, ctx, j, s, eps=batch.noise)
+        s_g = beta / G * torch.stack([(adv * (L - L_ref))[batch.group_ids == g].sum() for g in range(3)])
+        total = total + (-F.logsigmoid(-s_g)).sum() / len(sigmas)
+    expected = [g / 3 for g in torch.autograd.grad(total, bb.trainable_parameters())]
+    obj.train_step(batch, ctx)
+    _, _, fresh_obj, fresh_ctx = setup(opts, batch=batch)
+    fresh_obj.train_step(batch, fresh_ctx)
+    for own, fresh, want in zip(ctx.grads, fresh_ctx.grads, expected):
+        assert close(own, want)
+        assert not close(fresh, want)
 
 
 def test_noise_shared_within_a_group_fresh_across_groups_and_timesteps():

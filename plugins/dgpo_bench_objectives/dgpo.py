@@ -48,6 +48,10 @@ class DgpoOptions(OptimizerOptions):
     adv_clip: float = Field(5.0, gt=0)
     shared_noise: bool = True
     """One noise per group and timestep (released); False draws one per sample."""
+    rollout_noise: bool = False
+    """Train each sample at x_t = (1 - s) x0 + s x1 with x1 its own rollout's initial noise, at every
+    timestep (not released: an advantage-weighted reflow of the sampler's own couplings); replaces
+    shared_noise's fresh draws."""
     reference: Literal["base", "fast-ema"] = "base"
     """Reference of the preference term: the frozen base model, or the fast EMA (dynamic reference)."""
     ema_rollout_after: int | None = Field(200, ge=0)
@@ -142,7 +146,8 @@ class Dgpo(Objective):
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("weight", "s_g", "clip", "rho", "kl", "gap", "pref")}
         for j, s in enumerate(train_sigmas):
             s = s.to(device)
-            eps = self.timestep_noise(ctx, gids, j, x0.shape[1:]).to(device)
+            eps = (batch.noise.float() if o.rollout_noise
+                   else self.timestep_noise(ctx, gids, j, x0.shape[1:])).to(device)
             x_t = (1 - s) * x0 + s * eps
             target = eps - x0
             with torch.no_grad():
