@@ -200,6 +200,8 @@ def test_fast_ema_update_and_rollout_switch():
 def test_timestep_pool_options_and_short_grids():
     with pytest.raises(InvalidOptionsError, match="num_timesteps"):
         Dgpo({"num_timesteps": 5, "trunc_steps": 2})
+    with pytest.raises(InvalidOptionsError, match="shared_noise=false has no effect with rollout_noise"):
+        Dgpo({"rollout_noise": True, "shared_noise": False})
     bb = load_toy(MlpBackbone)
     obj = Dgpo({"trunc_steps": 6, "num_timesteps": 4})
     ctx = make_context(bb, DpmSolver({"steps": 3}), obj, G, 3)

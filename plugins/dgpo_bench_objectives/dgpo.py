@@ -72,6 +72,9 @@ class DgpoOptions(OptimizerOptions):
         if self.timestep_sampling == "grid" and self.num_timesteps > self.trunc_steps + 1:
             raise ValueError(f"num_timesteps={self.num_timesteps} distinct grid points need "
                              f"trunc_steps >= {self.num_timesteps - 1}")
+        if self.rollout_noise and not self.shared_noise:
+            raise ValueError("shared_noise=false has no effect with rollout_noise=true (each sample then "
+                             "trains on its own rollout noise); set only one of them")
         return self
 
 
