@@ -83,7 +83,7 @@ def main() -> None:
 
     engine = build()
     bb, objective, ctx, sampler = engine.backbone, engine.objective, engine.ctx, engine.sampler
-    batch, _ = engine.rollout(0)
+    (batch,), _ = engine.rollout(0)
     o = objective.options
 
     # Hand side: the same transformer weights, its own frozen and EMA copies and optimizer.
@@ -96,7 +96,7 @@ def main() -> None:
     null = bb.null_conditioning(len(batch))
     from dgpo_bench_objectives.advantages import local_advantages
 
-    adv = local_advantages(batch, ctx, global_std=o.global_std, clip=o.adv_clip)
+    adv = local_advantages(batch, global_std=o.global_std, clip=o.adv_clip)
     gids = batch.group_ids.long()
     sigmas = objective.draw_timesteps(ctx, batch.sigmas)
     noises = [objective.timestep_noise(ctx, gids, j, batch.latents.shape[1:]) for j in range(len(sigmas))]
@@ -121,7 +121,7 @@ def main() -> None:
                                                        sampler.options.steps))
         ctx.step = r + 1
         bb.train(True)
-        timed("engine_step", lambda: objective.train_step(batch, ctx))
+        timed("engine_step", lambda: ctx.update(objective, batch))
         with autocast:
             timed("hand_step", lambda: hand_dgpo_step(model, frozen, ema, opt, batch.latents, ehs, pooled, adv, gids,
                                                       sigmas, noises, o, ctx.group_size, r + 1))

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from dgpo_bench.context import EngineContext
-from dgpo_bench.contracts import Conditioning, LoadContext, OptimizerOptions
+from dgpo_bench.contracts import Conditioning, LoadContext, OptimizerOptions, StepOutput, Update
 from dgpo_bench_backbones.transformer import TransformerBackbone
 
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
@@ -166,26 +166,30 @@ def dgpo_step(bb: RandomMMDiT, ctx: EngineContext, cond: Conditioning, x0: torch
     def velocities(x, s):
         return torch.cat([bb.velocity(x[c], s, cond.select(c)) for c in parts])
 
-    for s in train_sigmas:
-        eps = torch.randn(ctx.num_groups, *x0.shape[1:], generator=gen)[gids.cpu()].to(dev)
-        x_t, target = (1 - s) * x0 + s * eps, eps - x0
-        with torch.no_grad():
-            with bb.reference():
-                v_ref = velocities(x_t, s)
-            with bb.swapped_weights(ema, role="ema"):
-                L_old = mse(velocities(x_t, s), target)
-            gap = adv * (mse(velocities(x_t, s), target) - mse(v_ref, target))
-            s_g = DGPO["beta_dpo"] / G * torch.zeros(ctx.num_groups, device=dev).index_add(0, gids, gap)
-            w = torch.sigmoid(s_g)[gids]
-        for c in parts:
-            v = bb.velocity(x_t[c], s, cond.select(c))
-            L = mse(v, target[c])
-            rho = torch.exp(L_old[c] - L.detach())
-            clipped = torch.where(adv[c] > 0, rho > 1 + DGPO["clip"], rho < 1 - DGPO["clip"])
-            L = torch.where(clipped, L.detach(), L)
-            kl = (v.float() - v_ref[c]).square().flatten(1).mean(1)
-            ctx.backward(((w[c] * adv[c] * L).sum() + DGPO["beta_kl"] * kl.sum()) / (n * len(train_sigmas)))
-    return ctx.optimizer_step()
+    def losses():
+        for s in train_sigmas:
+            eps = torch.randn(ctx.num_groups, *x0.shape[1:], generator=gen)[gids.cpu()].to(dev)
+            x_t, target = (1 - s) * x0 + s * eps, eps - x0
+            with torch.no_grad():
+                with bb.reference():
+                    v_ref = velocities(x_t, s)
+                with bb.swapped_weights(ema, role="ema"):
+                    L_old = mse(velocities(x_t, s), target)
+                gap = adv * (mse(velocities(x_t, s), target) - mse(v_ref, target))
+                s_g = DGPO["beta_dpo"] / G * torch.zeros(ctx.num_groups, device=dev).index_add(0, gids, gap)
+                w = torch.sigmoid(s_g)[gids]
+            for c in parts:
+                v = bb.velocity(x_t[c], s, cond.select(c))
+                L = mse(v, target[c])
+                rho = torch.exp(L_old[c] - L.detach())
+                clipped = torch.where(adv[c] > 0, rho > 1 + DGPO["clip"], rho < 1 - DGPO["clip"])
+                L = torch.where(clipped, L.detach(), L)
+                kl = (v.float() - v_ref[c]).square().flatten(1).mean(1)
+                yield ((w[c] * adv[c] * L).sum() + DGPO["beta_kl"] * kl.sum()) / (N * len(train_sigmas))
+        return StepOutput({})
+
+    N = n * ctx.num_processes
+    return ctx.run(Update(len(train_sigmas) * len(parts), losses()), "dgpo").metrics["grad_norm"]
 
 
 def sde_step(bb: RandomMMDiT, cond: Conditioning, x: torch.Tensor, x_next: torch.Tensor, s: torch.Tensor,
@@ -207,18 +211,23 @@ def grpo_step(bb: RandomMMDiT, ctx: EngineContext, cond: Conditioning, x0: torch
     sig = sigma_grid(ROLLOUT_STEPS).to(dev)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(ctx.step)).to(dev)
     K = GRPO["trained_steps"]
-    for k in range(K):
-        x, x_next = (1 - sig[k]) * x0 + sig[k] * eps, (1 - sig[k + 1]) * x0 + sig[k + 1] * eps
-        for c in chunks(n, micro):
-            logp, mean, std = sde_step(bb, cond.select(c), x[c], x_next[c], sig[k], sig[k + 1])
-            ratio = torch.exp(logp - logp.detach())  # on-policy: the rollout's own log-probs
-            a = adv[c]
-            pl = torch.maximum(-a * ratio, -a * ratio.clamp(1 - GRPO["clip"], 1 + GRPO["clip"]))
-            with torch.no_grad(), bb.reference():
-                _, mean_ref, _ = sde_step(bb, cond.select(c), x[c], x_next[c], sig[k], sig[k + 1])
-            kl = (mean - mean_ref).square().flatten(1).mean(1) / (2 * std**2)
-            ctx.backward((pl.sum() + GRPO["beta_kl"] * kl.sum()) / (n * K))
-    return ctx.optimizer_step()
+    parts = chunks(n, micro)
+
+    def losses():
+        for k in range(K):
+            x, x_next = (1 - sig[k]) * x0 + sig[k] * eps, (1 - sig[k + 1]) * x0 + sig[k + 1] * eps
+            for c in parts:
+                logp, mean, std = sde_step(bb, cond.select(c), x[c], x_next[c], sig[k], sig[k + 1])
+                ratio = torch.exp(logp - logp.detach())  # on-policy: the rollout's own log-probs
+                a = adv[c]
+                pl = torch.maximum(-a * ratio, -a * ratio.clamp(1 - GRPO["clip"], 1 + GRPO["clip"]))
+                with torch.no_grad(), bb.reference():
+                    _, mean_ref, _ = sde_step(bb, cond.select(c), x[c], x_next[c], sig[k], sig[k + 1])
+                kl = (mean - mean_ref).square().flatten(1).mean(1) / (2 * std**2)
+                yield (pl.sum() + GRPO["beta_kl"] * kl.sum()) / (n * ctx.num_processes * K)
+        return StepOutput({})
+
+    return ctx.run(Update(K * len(parts), losses()), "flow-grpo").metrics["grad_norm"]
 
 
 # ----------------------------------------------------------------------------- driver

@@ -60,13 +60,13 @@ def gradient_estimates(engine, steps: list[int]) -> tuple[list[torch.Tensor], li
         ctx.optimizer.zero_grad(set_to_none=True)
         return float(captured[-1].norm())
 
-    ctx.optimizer_step = capture
+    ctx._apply_gradients = capture  # the gradient is recorded and dropped: no optimizer step
     rewards = []
     for step in steps:
         ctx.step = step
-        batch, _ = engine.rollout(step)
+        (batch,), _ = engine.rollout(step)
         engine.backbone.train(True)
-        engine.objective.train_step(batch, ctx)
+        ctx.update(engine.objective, batch)
         rewards.append(float(batch.rewards.mean()))
     return captured, rewards
 
@@ -84,7 +84,7 @@ def line_search(engine, direction: torch.Tensor, sizes: list[float], probe_step:
             for p, t in zip(params, theta):
                 p.copy_(t - size * unit[offset:offset + p.numel()].view_as(p).to(p.dtype))
                 offset += p.numel()
-        batch, _ = engine.rollout(probe_step)
+        (batch,), _ = engine.rollout(probe_step)
         scores.append(float(batch.rewards.mean()))
     with torch.no_grad():
         for p, t in zip(params, theta):

@@ -149,9 +149,12 @@ class Backbone(Component):
     """A text-to-image flow model: x_t = (1 - s) x0 + s eps, predicts v = eps - x0.
 
     Subclasses implement ``load``, ``encode_prompts``, ``_velocity``, ``decode``,
-    ``trainable_parameters``, ``_reference_weights`` and the save/load of trainable
-    weights. Callers use ``velocity`` which applies CFG and charges the cost meter,
-    so no component can evaluate the model without the engine seeing it.
+    ``trainable_module``, ``trainable_parameters``, ``_reference_weights`` and the save/load
+    of trainable weights. Callers use ``velocity`` which applies CFG and charges the cost
+    meter, so no component can evaluate the model without the engine seeing it.
+    ``_velocity`` runs the trainable weights through ``policy_module``: the engine prepares
+    ``trainable_module()`` with accelerate (DDP, FSDP2, DeepSpeed) and hands the result back
+    through ``use_prepared``, so gradient synchronisation happens in those forwards.
     """
 
     kind = "backbone"
@@ -166,6 +169,7 @@ class Backbone(Component):
         self.meter = CostMeter()
         self._role = "policy"
         self._null_cond: Conditioning | None = None
+        self._prepared: torch.nn.Module | None = None
 
     # -- implemented by plugins
     def load(self, ctx: LoadContext) -> None:
@@ -183,7 +187,13 @@ class Backbone(Component):
         """Latents to uint8 images of shape (B, H, W, 3)."""
         raise NotImplementedError
 
+    def trainable_module(self) -> torch.nn.Module:
+        """The module that holds every trainable parameter (the one the engine prepares)."""
+        raise NotImplementedError
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters that train, read from ``trainable_module()`` at each call (preparing
+        a module for sharding replaces its parameters)."""
         raise NotImplementedError
 
     def _reference_weights(self) -> contextlib.AbstractContextManager:
@@ -209,6 +219,15 @@ class Backbone(Component):
     @property
     def role(self) -> str:
         return self._role
+
+    @property
+    def policy_module(self) -> torch.nn.Module:
+        """What ``_velocity`` calls for the trainable weights: the prepared module once there is one."""
+        return self._prepared if self._prepared is not None else self.trainable_module()
+
+    def use_prepared(self, module: torch.nn.Module) -> None:
+        """Run later forwards of the trainable weights through ``module``, the prepared ``trainable_module()``."""
+        self._prepared = module
 
     def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor | float, cond: Conditioning,
                  guidance_scale: float = 1.0) -> torch.Tensor:
@@ -345,7 +364,12 @@ class OptimizerOptions(Options):
 
 @dataclass
 class RolloutBatch:
-    """This process's share of one step's complete groups, with their rewards."""
+    """This process's share of one optimizer update's samples, with their rewards.
+
+    A rollout holds ``prompts_per_step`` complete groups; with ``updates_per_rollout`` k it is
+    split into k updates, each a ``RolloutBatch``. ``group_ids`` and ``sample_ids`` number the
+    groups and samples of the whole rollout, on every process alike.
+    """
 
     prompts: list[Prompt]
     cond: Conditioning
@@ -356,6 +380,12 @@ class RolloutBatch:
     """Global group index of each local sample."""
     rewards: torch.Tensor
     guidance_scale: float
+    sample_ids: torch.Tensor
+    """Global index of each local sample in the rollout (its row in ``rollout_rewards``)."""
+    rollout_rewards: torch.Tensor
+    """Every sample's reward in the rollout, on every process, by global sample index."""
+    rollout_group_ids: torch.Tensor
+    """Every sample's group in the rollout, by global sample index."""
     trajectory: torch.Tensor | None = None
     log_probs: torch.Tensor | None = None
 
@@ -365,10 +395,20 @@ class RolloutBatch:
 
 @dataclass
 class StepOutput:
-    """Diagnostics of one objective step; ``advantages`` are logged per sample."""
+    """Diagnostics of one optimizer update; ``advantages`` are logged per sample."""
 
     metrics: dict[str, float]
     advantages: torch.Tensor | None = None
+
+
+@dataclass
+class Update:
+    """One optimizer update as an objective plans it (see ``Objective.update``)."""
+
+    passes: int
+    """How many losses ``losses`` yields: one backward pass each, the same number on every process."""
+    losses: Iterator[torch.Tensor]
+    """A generator of ``passes`` scalar losses whose ``return`` value is the update's ``StepOutput``."""
 
 
 class TrainContext:
@@ -378,11 +418,21 @@ class TrainContext:
     sampler: Sampler
     accelerator: "Accelerator"
     step: int
+    """Optimizer steps done before this update."""
     num_groups: int
+    """Groups in the rollout (``prompts_per_step``)."""
     group_size: int
 
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def process_index(self) -> int:
+        return self.accelerator.process_index
+
     def rng(self, *keys: int) -> torch.Generator:
-        """A generator seeded from the run seed and ``keys``, identical on every process."""
+        """A generator seeded from the run seed, the optimizer step and ``keys``, identical on every process."""
         raise NotImplementedError
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -396,22 +446,37 @@ class TrainContext:
         """Per-group sums of a per-sample tensor over every process -> (num_groups,)."""
         raise NotImplementedError
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backpropagate (refuses non-finite losses)."""
-        raise NotImplementedError
-
-    def optimizer_step(self) -> float:
-        """Average gradients over processes, clip, step, zero; returns the grad norm."""
-        raise NotImplementedError
-
 
 class Objective(Component):
-    """One optimizer step on a batch of complete groups; owns its extra weights (EMA)."""
+    """Turns an update's samples into losses; the engine owns backward, accumulation and the step.
+
+    Rules the engine enforces or relies on (``Objective.update``):
+
+    - **Losses, not steps.** ``update`` returns an ``Update``: a count of passes and a generator
+      yielding that many scalar losses. The engine calls ``backward`` on each (accumulating
+      without gradient synchronisation until the last), clips, steps the prepared optimizer and
+      zeroes the gradients. An objective never calls ``backward``, ``step`` or ``zero_grad``.
+    - **One policy forward with gradients per pass**, through ``Backbone.velocity`` or the
+      sampler's ``step_log_prob``; reference and EMA passes run under ``torch.no_grad``.
+    - **Global normalisation.** The update's loss is the sum of every yielded loss over every
+      pass and every process, so divide by global counts (``len(batch) * ctx.num_processes``
+      samples, all valid pairs, ...), never by this process's. The engine scales for the
+      average over processes that DDP, FSDP and DeepSpeed apply to gradients.
+    - **Same passes everywhere.** Every process yields the same number of passes (sharded
+      weights are gathered at each forward); the engine checks it and refuses a mismatch.
+    - **Diagnostics** returned by the generator are identical on every process (reduce them
+      with ``dgpo_bench_objectives.training.reduce_metrics`` or collectives of the context).
+    - ``after_update`` runs once after each optimizer step (e.g. to move an EMA).
+    """
 
     kind = "objective"
     Options = OptimizerOptions
     default_sampler: ClassVar[str] = "ode-euler"
     needs_trajectory: ClassVar[bool] = False
+    shuffle_updates: ClassVar[bool] = False
+    """With ``updates_per_rollout`` k > 1: True deals the rollout's samples at random into the k
+    updates (Flow-GRPO's release shuffles its samples before splitting them); False gives each
+    update ``prompts_per_step / k`` complete groups (for losses that compare a group's members)."""
 
     @classmethod
     def check_sampler(cls, options: Options, sampler: type[Sampler], sampler_options: SamplerOptions) -> None:
@@ -425,9 +490,12 @@ class Objective(Component):
         """Context in which the next rollouts are generated (default: current weights)."""
         return contextlib.nullcontext()
 
-    def train_step(self, batch: RolloutBatch, ctx: TrainContext) -> StepOutput:
-        """Forward/backward passes for one step; call ``ctx.backward`` on each loss."""
+    def update(self, batch: RolloutBatch, ctx: TrainContext) -> Update:
+        """Plan one optimizer update on ``batch`` (see the class docstring for the rules)."""
         raise NotImplementedError
+
+    def after_update(self, ctx: TrainContext) -> None:
+        """Called after each optimizer step, with ``ctx.step`` still the step just taken."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

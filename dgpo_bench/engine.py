@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .context import EngineContext, derive_seed, sample_seeds
+from .context import EngineContext, derive_seed, make_accelerator, sample_seeds
 from .contracts import Backbone, LoadContext, Prompt, Reward, RolloutBatch, SampleNoise, SampleOutput
 from .ema import WeightEma
 from .errors import MissingWeightsError, SpecError
@@ -62,21 +62,19 @@ class Engine:
 
     def __init__(self, resolved: Resolved, run_dir: Path, *, accelerator=None, progress: bool = True,
                  plugin_versions: dict[str, str] | None = None):
-        from accelerate import Accelerator
-
         self.r = resolved
         self.spec = resolved.spec
         self.run_dir = Path(run_dir)
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = accelerator or make_accelerator()
         self.main = self.acc.is_main_process
         self.progress = ProgressReporter(enabled=progress and self.main)
         self.plugin_versions = plugin_versions or {}
         self.meter = CostMeter()
-        n_img = self.spec.images_per_step
-        if n_img % self.acc.num_processes:
-            raise SpecError(f"{n_img} images per step (group_size x prompts_per_step) do not split evenly over "
-                            f"{self.acc.num_processes} processes; change group_size or prompts_per_step.")
-        self.local = n_img // self.acc.num_processes
+        n_img, k, procs = self.spec.images_per_step, self.spec.updates_per_rollout, self.acc.num_processes
+        if n_img % (k * procs):
+            raise SpecError(f"{n_img} images per rollout (group_size x prompts_per_step) do not split evenly into "
+                            f"{k} update(s) over {procs} processes; change group_size or prompts_per_step.")
+        self.local = n_img // (k * procs)  # samples of one update on this process
         self.notes = list(resolved.notes)
 
     # ------------------------------------------------------------------ setup
@@ -127,9 +125,11 @@ class Engine:
         objs, spec = self.reward_objs, self.spec
         prompt_world([(n, objs[n].world) for n in self.weights],
                      [(n, objs[n].world) for n in self.eval_names if n not in self.weights])
-        if any(objs[n].groupwise for n in self.weights) and self.local % spec.group_size:
-            raise SpecError("Group-wise rewards need whole groups on every process; make group_size x "
-                            "prompts_per_step / processes a multiple of group_size.")
+        shuffled = spec.updates_per_rollout > 1 and self.r.objective[0].shuffle_updates
+        if any(objs[n].groupwise for n in self.weights) and (self.local % spec.group_size or shuffled):
+            raise SpecError("Group-wise rewards need whole groups on every process (and objectives that deal a "
+                            "rollout's samples at random into several updates cannot give them); make group_size x "
+                            "prompts_per_step / (updates_per_rollout x processes) a multiple of group_size.")
         self.eval_names = [n for n in self.eval_names if not objs[n].groupwise]
         source = next((rw for rw in objs.values() if rw.world is not None), None)
         unfilled = [split for split in ("train", "eval") if getattr(spec.prompts, split) is None]
@@ -159,25 +159,39 @@ class Engine:
             pos += len(take)
         return out
 
-    def rollout(self, step: int) -> tuple[RolloutBatch, dict[str, np.ndarray]]:
-        """Sample and score this process's share of ``step``'s groups with the current weights;
-        returns the batch the objective trains on and each training reward's raw scores."""
+    def _layout(self, r: int) -> list[list[int]]:
+        """Global indices of rollout ``r``'s samples that this process trains on, one list per update.
+
+        Update u takes positions [u n / k, (u + 1) n / k) of the rollout's order (sample order, or a
+        seeded shuffle for objectives that deal samples at random), each process a contiguous
+        slice of them; a sample's prompt and noise depend only on its index, so N processes
+        reproduce one.
+        """
+        n, k, rank = self.spec.images_per_step, self.spec.updates_per_rollout, self.acc.process_index
+        order = torch.arange(n)
+        if k > 1 and self.objective.shuffle_updates:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.spec.seed, "split", r)))
+        return [order[u * n // k + rank * self.local: u * n // k + (rank + 1) * self.local].tolist() for u in range(k)]
+
+    def rollout(self, r: int) -> tuple[list[RolloutBatch], list[dict[str, np.ndarray]]]:
+        """Sample and score this process's share of rollout ``r`` with the current weights; returns one
+        batch per update and, for each, every training reward's raw scores."""
         spec, bb = self.spec, self.backbone
         g = spec.group_size
-        rank = self.acc.process_index
-        prompt_ids = self._step_prompts(step)
-        global_idx = list(range(rank * self.local, (rank + 1) * self.local))
-        group_ids = torch.tensor([i // g for i in global_idx])
-        prompts = [self.train_prompts[prompt_ids[i // g]] for i in global_idx]
+        prompt_ids = self._step_prompts(r)
+        layout = self._layout(r)
+        ids = [i for part in layout for i in part]
+        n_local = len(ids)
+        prompts = [self.train_prompts[prompt_ids[i // g]] for i in ids]
         cond = bb.encode_prompts([p.text for p in prompts])
-        noise = SampleNoise(sample_seeds(spec.seed, step, global_idx), bb.device).randn(bb.latent_shape, bb.dtype)
-        step_noise = SampleNoise(sample_seeds(spec.seed, step, global_idx, "sde"), bb.device)
+        noise = SampleNoise(sample_seeds(spec.seed, r, ids), bb.device).randn(bb.latent_shape, bb.dtype)
+        step_noise = SampleNoise(sample_seeds(spec.seed, r, ids, "sde"), bb.device)
         chunk = spec.rollout_batch_size or self.local
         outs: list[SampleOutput] = []
-        bar = self.progress.task("rollout", self.local)
+        bar = self.progress.task("rollout", n_local)
         with self.meter.phase("rollout"), torch.no_grad(), self.objective.rollout_weights(self.ctx):
             bb.train(False)
-            for s in range(0, self.local, chunk):
+            for s in range(0, n_local, chunk):
                 sl = slice(s, s + chunk)
                 outs.append(self.sampler.sample(bb, cond.select(sl), noise[sl], step_noise=step_noise.subset(sl),
                                                 trajectory=self.objective.needs_trajectory))
@@ -192,29 +206,43 @@ class Engine:
             images = bb.decode(out.latents)
             raw = {name: score_reward(name, self.reward_objs[name], images, prompts, g) for name in self.weights}
             self.meter.reward_calls += spec.images_per_step * len(self.weights)
-        total = sum(self.weights[n] * raw[n] for n in self.weights)
-        batch = RolloutBatch(prompts=prompts, cond=cond, noise=noise, latents=out.latents, sigmas=out.sigmas,
-                             group_ids=group_ids, rewards=torch.as_tensor(total, dtype=torch.float32),
-                             guidance_scale=self.sampler.guidance(bb), trajectory=out.trajectory,
-                             log_probs=out.log_probs)
-        return batch, raw
+        total = torch.as_tensor(sum(self.weights[n] * raw[n] for n in self.weights), dtype=torch.float32)
+        id_tensor = torch.tensor(ids)
+        every_id = self.ctx.gather(id_tensor.to(self.acc.device)).cpu()
+        rollout_rewards = torch.zeros(spec.images_per_step)
+        rollout_rewards[every_id] = self.ctx.gather(total.to(self.acc.device)).cpu()
+        rollout_group_ids = torch.arange(spec.images_per_step) // g
+        batches, raws = [], []
+        for u in range(len(layout)):
+            sl = slice(u * self.local, (u + 1) * self.local)
+            cut = (lambda t: None if t is None else t[sl])
+            batches.append(RolloutBatch(
+                prompts=prompts[sl], cond=cond.select(sl), noise=noise[sl], latents=out.latents[sl],
+                sigmas=out.sigmas, group_ids=id_tensor[sl] // g, rewards=total[sl],
+                guidance_scale=self.sampler.guidance(bb), sample_ids=id_tensor[sl], rollout_rewards=rollout_rewards,
+                rollout_group_ids=rollout_group_ids, trajectory=cut(out.trajectory), log_probs=cut(out.log_probs)))
+            raws.append({name: v[sl] for name, v in raw.items()})
+        return batches, raws
 
     def _over_budget(self, step: int) -> bool:
+        """Whether training stops after ``step`` optimizer steps; image and reward-call limits are
+        checked only where a rollout's updates are all taken, so no rolled-out image goes untrained."""
         b, m = self.spec.budget, self.meter
+        boundary = step % self.spec.updates_per_rollout == 0
         over = ((b.steps is not None and step >= b.steps)
                 or (b.seconds is not None and m.train_seconds >= b.seconds)
-                or (b.images is not None and m.images >= b.images)
-                or (b.reward_calls is not None and m.reward_calls >= b.reward_calls))
+                or (boundary and b.images is not None and m.images >= b.images)
+                or (boundary and b.reward_calls is not None and m.reward_calls >= b.reward_calls))
         if self.acc.num_processes > 1:  # every process must stop at the same step
             over = bool(self.ctx.all_reduce_sum(torch.tensor([float(over)], device=self.acc.device)).item())
         return over
 
     def _steps_in_budget(self) -> int | None:
         """Optimizer steps the budget allows, where a step, image or reward-call limit fixes them."""
-        b, per_step = self.spec.budget, self.spec.images_per_step
+        b, per_rollout, k = self.spec.budget, self.spec.images_per_step, self.spec.updates_per_rollout
         limits = [b.steps,
-                  None if b.images is None else -(-b.images // per_step),
-                  None if b.reward_calls is None else -(-b.reward_calls // (per_step * len(self.weights)))]
+                  None if b.images is None else -(-b.images // per_rollout) * k,
+                  None if b.reward_calls is None else -(-b.reward_calls // (per_rollout * len(self.weights))) * k]
         known = [n for n in limits if n is not None]
         return min(known) if known else None
 
@@ -339,8 +367,12 @@ class Engine:
                                       self.spec.budget.seconds if bar_seconds else total)
             self.progress.update(task, completed=self.meter.train_seconds if bar_seconds else step)
             done = self._over_budget(step)
+            k, pending = self.spec.updates_per_rollout, []
             while not done:
-                self._train_step(step)
+                if not pending:  # a resumed run starts at a rollout boundary (checkpoints are taken there)
+                    self.ctx.step = step
+                    pending = list(zip(*self.rollout(step // k)))
+                self._train_step(step, *pending.pop(0))
                 step += 1
                 self._update_eval_ema(step)
                 self.progress.update(task, completed=self.meter.train_seconds if bar_seconds else step,
@@ -350,7 +382,7 @@ class Engine:
                 # the last step's evaluation is the final one, made once below
                 if self.spec.eval.every and step % self.spec.eval.every == 0 and not done:
                     self._evaluate(step, f"step{step:05d}")
-                if self.spec.checkpoint_every and step % self.spec.checkpoint_every == 0:
+                if self.spec.checkpoint_every and step % self.spec.checkpoint_every == 0 and not pending:
                     self._save_checkpoint(step, base)
             self.progress.finish(task)
             final = self._evaluate(step, "final")
@@ -388,12 +420,11 @@ class Engine:
             data = {"prompts": [p.text for p in self.eval_prompts], "base": base.per_prompt}
             write_json(self.run_dir / "per_prompt.json", data | ({"final": final.per_prompt} if final else {}))
 
-    def _train_step(self, step: int) -> None:
+    def _train_step(self, step: int, batch: RolloutBatch, raw: dict[str, np.ndarray]) -> None:
         self.ctx.step = step
-        batch, raw = self.rollout(step)
         with self.meter.phase("train"):
             self.backbone.train(True)
-            out = self.objective.train_step(batch, self.ctx)
+            out = self.ctx.update(self.objective, batch)
         rewards = self.ctx.gather(batch.rewards.to(self.acc.device)).cpu()
         raw_means = {n: float(self.ctx.gather(torch.as_tensor(v, device=self.acc.device)).mean()) for n, v in raw.items()}
         self._last_reward = float(rewards.mean())

@@ -60,3 +60,7 @@ class TrainingDivergedError(DgpoBenchError):
 
 class SuiteError(DgpoBenchError):
     """Cells of a suite that failed while the other cells ran."""
+
+
+class ObjectiveContractError(DgpoBenchError):
+    """An objective plugin that breaks the update rules the engine enforces."""

@@ -88,6 +88,9 @@ class RunSpec(_Strict):
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0)
     """Save a resumable checkpoint every N steps (0: only at the end)."""
+    updates_per_rollout: int = Field(1, ge=1)
+    """Optimizer steps taken on one rollout of prompts_per_step groups, each on 1/k of its samples
+    (Flow-GRPO's release takes 2, the second off-policy); budgets count optimizer steps."""
     rollout_batch_size: int = Field(0, ge=0)
     """Images per sampler call during rollouts (0: the whole local batch at once)."""
     log_samples: bool = False
@@ -113,6 +116,17 @@ class RunSpec(_Strict):
         if not v:
             raise ValueError("at least one training reward is needed")
         return v
+
+    @model_validator(mode="after")
+    def _updates(self) -> "RunSpec":
+        k = self.updates_per_rollout
+        if self.prompts_per_step % k:
+            raise ValueError(f"updates_per_rollout={k} must divide prompts_per_step={self.prompts_per_step} (each "
+                             "update trains on prompts_per_step / updates_per_rollout groups' worth of samples)")
+        if self.checkpoint_every % k:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of updates_per_rollout={k} "
+                             "(checkpoints are taken between rollouts)")
+        return self
 
     @property
     def images_per_step(self) -> int:
@@ -159,7 +173,10 @@ def validate_spec(data: dict[str, Any], source: str = "spec") -> RunSpec:
         where = ".".join(str(p) for p in err["loc"]) or "spec"
         if err["type"] == "extra_forbidden":
             raise SpecError(f"Unknown setting '{where}' in {source}; see 'dgpo-bench run --help' for the settings.") from None
-        raise SpecError(f"Invalid setting '{where}' in {source}: {err['msg']}.") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:
+            raise SpecError(f"Invalid settings in {source}: {msg}.") from None
+        raise SpecError(f"Invalid setting '{where}' in {source}: {msg}.") from None
 
 
 def parse_rewards(text: str) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dgpo_bench.cli import main
-from dgpo_bench.context import EngineContext
+from dgpo_bench.context import EngineContext, make_accelerator
 from dgpo_bench.contracts import LoadContext, Prompt, RolloutBatch
 from dgpo_bench.errors import InvalidOptionsError, MissingWeightsError
 from dgpo_bench.evaluation import evaluate
@@ -99,20 +99,19 @@ def test_cfg_sampling_and_decode_match_the_diffusers_pipeline(folder):
 
 def dgpo_step(bb, lr=1e-2):
     """One real DGPO step (rollouts of 2 prompts x 2 with ode-euler, fixed rewards) through the engine context."""
-    from accelerate import Accelerator
-
     sampler = OdeEuler({"steps": 7})
     objective = Dgpo({"lr": lr, "micro_batch_size": 2})
-    ctx = EngineContext(bb, sampler, Accelerator(cpu=True), objective.options, seed=0, group_size=2, num_groups=2)
+    ctx = EngineContext(bb, sampler, make_accelerator(), objective.options, seed=0, group_size=2, num_groups=2)
     objective.setup(ctx)
     prompts = [Prompt(t) for t in PROMPTS for _ in range(2)]
     cond = bb.encode_prompts([p.text for p in prompts])
     x_T = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     out = sampler.sample(bb, cond, x_T)
+    gids, rewards = torch.tensor([0, 0, 1, 1]), torch.tensor([0.2, 0.9, 0.5, 0.1])
     batch = RolloutBatch(prompts=prompts, cond=cond, noise=x_T, latents=out.latents, sigmas=out.sigmas,
-                         group_ids=torch.tensor([0, 0, 1, 1]), rewards=torch.tensor([0.2, 0.9, 0.5, 0.1]),
-                         guidance_scale=sampler.guidance(bb))
-    return objective.train_step(batch, ctx)
+                         group_ids=gids, rewards=rewards, guidance_scale=sampler.guidance(bb),
+                         sample_ids=torch.arange(4), rollout_rewards=rewards, rollout_group_ids=gids)
+    return ctx.update(objective, batch)
 
 
 def test_dgpo_step_changes_lora_and_reference_stays_base(folder):

@@ -69,7 +69,7 @@ def test_surrogate_gradient_is_the_log_sigmoid_gradient(form, micro):
         s_all.append(s_g.detach())
     assert torch.cat(s_all).abs().max() > 0.2  # the sigmoid weights are far from a constant 1/2
     expected = torch.autograd.grad(total, params)
-    out = obj.train_step(batch, ctx)
+    out = ctx.update(obj, batch)
     factor = G / (beta * len(batch)) if form == "released" else 1 / 3
     for got, want in zip(ctx.grads, expected):
         assert close(got, factor * want)
@@ -91,9 +91,9 @@ def test_rollout_noise_trains_each_sample_between_its_own_noise_and_image():
         s_g = beta / G * torch.stack([(adv * (L - L_ref))[batch.group_ids == g].sum() for g in range(3)])
         total = total + (-F.logsigmoid(-s_g)).sum() / len(sigmas)
     expected = [g / 3 for g in torch.autograd.grad(total, bb.trainable_parameters())]
-    obj.train_step(batch, ctx)
+    ctx.update(obj, batch)
     _, _, fresh_obj, fresh_ctx = setup(opts, batch=batch)
-    fresh_obj.train_step(batch, fresh_ctx)
+    fresh_ctx.update(fresh_obj, batch)
     for own, fresh, want in zip(ctx.grads, fresh_ctx.grads, expected):
         assert close(own, want)
         assert not close(fresh, want)
@@ -136,7 +136,7 @@ def test_trained_timesteps_stay_in_the_allowed_pool(sampling):
     ctx.step = 7
     drawn = obj.draw_timesteps(ctx, batch.sigmas)
     bb.seen_sigmas.clear()
-    obj.train_step(batch, ctx)
+    ctx.update(obj, batch)
     used = torch.cat(bb.seen_sigmas).unique()
     assert torch.allclose(used, drawn.sort().values)
 
@@ -164,7 +164,7 @@ def test_trust_region_detaches_exactly_the_samples_outside_it():
     kept = (~outside).float()
     loss = (w * adv * L * kept).mean() + beta_kl * (v - v_ref).square().flatten(1).mean(1).mean()
     expected = torch.autograd.grad(loss, params)
-    out = obj.train_step(batch, ctx)
+    out = ctx.update(obj, batch)
     for got, want in zip(ctx.grads, expected):
         assert close(got, want)
     assert out.metrics["clip_frac"] == pytest.approx(float(outside.float().mean()))
@@ -175,7 +175,7 @@ def test_fast_ema_update_and_rollout_switch():
     bb, batch, obj, ctx = setup({"ema_rollout_after": 5, "lr": 1e-2})
     before = [t.clone() for t in obj.fast_ema.tensors]
     ctx.step = 100
-    obj.train_step(batch, ctx)
+    ctx.update(obj, batch)
     decay = min(0.3, 0.001 * 100)
     for e, b, p in zip(obj.fast_ema.tensors, before, bb.trainable_parameters()):
         assert torch.allclose(e, decay * b + (1 - decay) * p.detach(), atol=1e-6)
@@ -226,7 +226,7 @@ def _two_process_worker(rank: int, port: int, out_dir: str) -> None:
     assert acc.num_processes == 2
     bb, batch, obj, ctx = setup(SPLIT_OPTIONS, batch=torch.load(os.path.join(out_dir, "batch.pt"), weights_only=False))
     # 12 samples in groups of 4: rank 0 holds group 0 and half of group 1, rank 1 the rest
-    out = obj.train_step(batch_slice(batch, slice(6 * rank, 6 * rank + 6)), ctx)
+    out = ctx.update(obj, batch_slice(batch, slice(6 * rank, 6 * rank + 6)))
     grads = acc.reduce(torch.cat([g.flatten() for g in ctx.grads]), reduction="mean")
     adv = acc.gather(out.advantages)
     if rank == 0:
@@ -248,7 +248,7 @@ def test_group_split_across_two_processes_matches_one_process(tmp_path):
     torch.save(batch, tmp_path / "batch.pt")
     mp.spawn(_two_process_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     two = torch.load(tmp_path / "two.pt")
-    out = obj.train_step(batch, ctx)
+    out = ctx.update(obj, batch)
     one = torch.cat([g.flatten() for g in ctx.grads])
     assert close(two["grads"], one)
     assert torch.allclose(two["adv"], out.advantages, atol=1e-6)

@@ -69,7 +69,7 @@ def test_train_step_matches_hand_computation(sampling):
         insides.append(inside.detach())
     loss = torch.stack(losses).mean()
     expected = torch.autograd.grad(loss, params)
-    out = obj.train_step(batch, ctx)
+    out = ctx.update(obj, batch)
     assert out.metrics["loss"] == pytest.approx(float(loss), rel=1e-5)
     assert out.metrics["implicit_acc"] == pytest.approx(float((torch.stack(insides) > 0).float().mean()))
     assert out.metrics["pairs"] == 2

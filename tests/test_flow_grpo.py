@@ -33,7 +33,7 @@ def setup(options, steps=4, sampler_options=None, step=0):
 
 def test_first_on_policy_pass_gives_ratio_exactly_one():
     bb, sampler, batch, obj, ctx = setup({"beta_kl": 0.04})
-    out = obj.train_step(batch, ctx)
+    out = ctx.update(obj, batch)
     assert out.metrics["ratio_min"] == 1.0 and out.metrics["ratio_max"] == 1.0
     assert out.metrics["clip_frac"] == 0.0 and out.metrics["approx_kl"] == 0.0
     assert out.metrics["trained_steps"] == 3  # int(4 * 0.99) = 3 steps: 0, 1, 2
@@ -81,7 +81,7 @@ def test_ppo_clipped_gradient_matches_hand_computation():
     clipped = ((r - 1).abs() > eps).float().mean()
     assert 0 < clipped < 1
     expected = torch.autograd.grad(total, params)
-    out = obj.train_step(batch, ctx)
+    out = ctx.update(obj, batch)
     for got, want in zip(ctx.grads, expected):
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     assert out.metrics["clip_frac"] == pytest.approx(float(clipped))
@@ -93,7 +93,7 @@ def test_trains_steps_0_to_8_of_10_or_the_sde_window(window, trained):
     bb, sampler, batch, obj, ctx = setup({"micro_batch_size": 3}, steps=10,
                                          sampler_options={"sde_window": window} if window else {})
     before = dict(bb.meter.nfe)
-    out = obj.train_step(batch, ctx)
+    out = ctx.update(obj, batch)
     n = len(batch)
     assert out.metrics["trained_steps"] == trained
     assert bb.meter.nfe["policy"] - before.get("policy", 0) == 2 * n * trained  # CFG in the recompute

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from dgpo_bench.context import EngineContext
+from dgpo_bench.context import EngineContext, make_accelerator
 from dgpo_bench.contracts import (Backbone, Conditioning, LoadContext, Options, Prompt, RolloutBatch, Sampler,
                                   SampleNoise)
 
@@ -101,12 +101,26 @@ class MlpBackbone(_ToyBase):
 
     def _velocity(self, latents, sigmas, cond):
         self.seen_sigmas.append(sigmas.detach().clone())
-        net = self.frozen if self._in_reference else self.net
+        net = self.frozen if self._in_reference else self.policy_module
         inp = torch.cat([latents.flatten(1), sigmas[:, None], cond.tensors["embedding"]], dim=1)
         return net(inp).view_as(latents)
 
+    def trainable_module(self) -> torch.nn.Module:
+        return self.net
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.net.parameters())
+
+
+class Offset(torch.nn.Module):
+    """A scalar trainable offset, returned by ``forward`` (so it trains through the prepared module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self) -> torch.Tensor:
+        return self.offset
 
 
 class GaussianFlowBackbone(_ToyBase):
@@ -115,10 +129,14 @@ class GaussianFlowBackbone(_ToyBase):
     name = "toy-gaussian"
 
     def _build(self, gen: torch.Generator) -> None:
-        self.offset = torch.nn.Parameter(torch.zeros(()))
+        self.shift_module = Offset()
+
+    @property
+    def offset(self) -> torch.nn.Parameter:
+        return self.shift_module.offset
 
     def mu(self, cond: Conditioning) -> torch.Tensor:
-        offset = self.offset.detach() * 0 if self._in_reference else self.offset
+        offset = self.offset.detach() * 0 if self._in_reference else self.policy_module()
         return cond.tensors["embedding"].mean(1) + offset
 
     def _velocity(self, latents, sigmas, cond):
@@ -127,6 +145,9 @@ class GaussianFlowBackbone(_ToyBase):
         t, mu = sigmas.view(shape), self.mu(cond).view(shape)
         var_t = (1 - t) ** 2 * s0**2 + t**2
         return -mu + (t - (1 - t) * s0**2) / var_t * (latents - (1 - t) * mu)
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.shift_module
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [self.offset]
@@ -139,18 +160,16 @@ def load_toy(cls: type[_ToyBase], seed: int = 0, **options) -> _ToyBase:
 
 
 class RecordingContext(EngineContext):
-    """The engine's context, keeping a copy of this process's gradients at each optimizer step."""
+    """The engine's context, keeping a copy of this process's (synchronised) gradients at each optimizer step."""
 
-    def optimizer_step(self) -> float:
+    def _apply_gradients(self) -> float:
         self.grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        return super().optimizer_step()
+        return super()._apply_gradients()
 
 
 def make_context(bb: Backbone, sampler: Sampler, objective, group_size: int, num_groups: int, seed: int = 0,
                  step: int = 0) -> RecordingContext:
-    from accelerate import Accelerator
-
-    ctx = RecordingContext(bb, sampler, Accelerator(cpu=True), objective.options, seed, group_size, num_groups)
+    ctx = RecordingContext(bb, sampler, make_accelerator(), objective.options, seed, group_size, num_groups)
     ctx.step = step
     objective.setup(ctx)
     return ctx
@@ -165,9 +184,12 @@ def rollout(bb: Backbone, sampler: Sampler, texts: Sequence[str], group_size: in
     noise = SampleNoise(range(seed * 10_000, seed * 10_000 + n)).randn(bb.latent_shape)
     out = sampler.sample(bb, cond, noise, step_noise=SampleNoise(range(seed * 10_000 + n, seed * 10_000 + 2 * n)),
                          trajectory=trajectory)
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    group_ids = torch.arange(n) // group_size
     return RolloutBatch(prompts=prompts, cond=cond, noise=noise, latents=out.latents, sigmas=out.sigmas,
-                        group_ids=torch.arange(n) // group_size, rewards=torch.as_tensor(rewards, dtype=torch.float32),
-                        guidance_scale=sampler.guidance(bb), trajectory=out.trajectory, log_probs=out.log_probs)
+                        group_ids=group_ids, rewards=rewards, guidance_scale=sampler.guidance(bb),
+                        sample_ids=torch.arange(n), rollout_rewards=rewards, rollout_group_ids=group_ids,
+                        trajectory=out.trajectory, log_probs=out.log_probs)
 
 
 def batch_slice(batch: RolloutBatch, sl: slice) -> RolloutBatch:
@@ -177,7 +199,9 @@ def batch_slice(batch: RolloutBatch, sl: slice) -> RolloutBatch:
     return RolloutBatch(prompts=batch.prompts[sl], cond=batch.cond.select(sl), noise=batch.noise[sl],
                         latents=batch.latents[sl], sigmas=batch.sigmas, group_ids=batch.group_ids[sl],
                         rewards=batch.rewards[sl], guidance_scale=batch.guidance_scale,
-                        trajectory=cut(batch.trajectory), log_probs=cut(batch.log_probs))
+                        sample_ids=batch.sample_ids[sl], rollout_rewards=batch.rollout_rewards,
+                        rollout_group_ids=batch.rollout_group_ids, trajectory=cut(batch.trajectory),
+                        log_probs=cut(batch.log_probs))
 
 
 def plain_advantages(rewards: Sequence[float], group_size: int, global_std: bool, clip: float = 5.0) -> torch.Tensor:

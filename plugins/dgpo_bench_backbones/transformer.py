@@ -77,7 +77,6 @@ class TransformerBackbone(Backbone):
         self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._eval_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._frozen: torch.nn.Module | None = None
-        self._trainable: list[torch.nn.Parameter] = []
         self._reference_depth = 0
 
     # -- for subclasses
@@ -107,12 +106,11 @@ class TransformerBackbone(Backbone):
                     f"lora_target_modules {opts.lora_target_modules} match no layer of the {self.name} "
                     f"transformer ({str(exc).splitlines()[0][:120]}); use names such as {list(LORA_TARGETS)}."
                 ) from None
-            self._trainable = [p for p in transformer.parameters() if p.requires_grad]
-            for p in self._trainable:
+            for p in self.trainable_parameters():
                 p.data = p.data.float()
         else:
             self._frozen = copy.deepcopy(transformer).eval()
-            self._trainable = list(transformer.requires_grad_(True).parameters())
+            transformer.requires_grad_(True)
         if opts.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
 
@@ -158,7 +156,7 @@ class TransformerBackbone(Backbone):
         return out
 
     def _velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        net = self._frozen if (self._reference_depth and self._frozen is not None) else self.transformer
+        net = self._frozen if (self._reference_depth and self._frozen is not None) else self.policy_module
         t = cond.tensors
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
             out = net(hidden_states=latents.to(self.dtype),
@@ -174,8 +172,11 @@ class TransformerBackbone(Backbone):
             return self.device.type == "cuda" or (self.device.type == "cpu" and cpu_info()["native_bf16"])
         return mode == "on"
 
+    def trainable_module(self) -> torch.nn.Module:
+        return self.transformer
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self._trainable)
+        return [p for p in self.transformer.parameters() if p.requires_grad]
 
     @contextlib.contextmanager
     def _reference_weights(self) -> Iterator[None]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dgpo_bench.contracts import RolloutBatch, TrainContext
+from dgpo_bench.contracts import RolloutBatch
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, global_std: bool,
@@ -27,14 +27,8 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, global_s
     return (centred / (std + eps)).clamp(-clip, clip).to(rewards.dtype)
 
 
-def local_advantages(batch: RolloutBatch, ctx: TrainContext, *, global_std: bool, clip: float) -> torch.Tensor:
-    """This process's slice of the advantages computed over every process's rewards.
-
-    Assumes every process holds the same number of samples (as the engine guarantees).
-    """
-    device = batch.rewards.device
-    rewards = ctx.gather(batch.rewards.to(ctx.accelerator.device)).cpu()
-    group_ids = ctx.gather(batch.group_ids.to(ctx.accelerator.device)).cpu()
-    adv = group_advantages(rewards, group_ids.long(), global_std=global_std, clip=clip)
-    start = ctx.accelerator.process_index * len(batch)
-    return adv[start:start + len(batch)].to(device)
+def local_advantages(batch: RolloutBatch, *, global_std: bool, clip: float) -> torch.Tensor:
+    """This process's samples' advantages, computed over every reward of the rollout (all processes
+    and all of its updates, as the releases compute them over a sampling epoch)."""
+    adv = group_advantages(batch.rollout_rewards, batch.rollout_group_ids.long(), global_std=global_std, clip=clip)
+    return adv[batch.sample_ids.long()].to(batch.rewards.device)

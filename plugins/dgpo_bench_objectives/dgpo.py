@@ -13,13 +13,13 @@ the rollouts of every step whose index exceeds ``ema_rollout_after``.
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from dgpo_bench.contracts import Objective, OptimizerOptions, RolloutBatch, StepOutput, TrainContext
+from dgpo_bench.contracts import Objective, OptimizerOptions, RolloutBatch, StepOutput, TrainContext, Update
 from dgpo_bench.ema import WeightEma
 
 from .advantages import local_advantages
@@ -126,20 +126,30 @@ class Dgpo(Objective):
         start = ctx.accelerator.process_index * n
         return torch.randn(ctx.accelerator.num_processes * n, *shape, generator=gen)[start:start + n]
 
-    # ------------------------------------------------------------------ step
-    def train_step(self, batch: RolloutBatch, ctx: TrainContext) -> StepOutput:
+    # ------------------------------------------------------------------ update
+    def update(self, batch: RolloutBatch, ctx: TrainContext) -> Update:
+        """M timesteps x micro-batches passes; each yields its share of the mean over samples and timesteps."""
+        train_sigmas = self.draw_timesteps(ctx, batch.sigmas)
+        chunks = micro_batches(len(batch), self.options.micro_batch_size)
+        return Update(len(train_sigmas) * len(chunks), self._losses(batch, ctx, train_sigmas, chunks))
+
+    def after_update(self, ctx: TrainContext) -> None:
+        o = self.options
+        self.fast_ema.update(ctx.backbone.trainable_parameters(),
+                             min(o.fast_ema_max_decay, o.fast_ema_decay_rate * ctx.step))
+
+    def _losses(self, batch: RolloutBatch, ctx: TrainContext, train_sigmas: torch.Tensor,
+                chunks: list[slice]) -> Iterator[torch.Tensor]:
         o, bb = self.options, ctx.backbone
-        params = bb.trainable_parameters()
         device = batch.latents.device
-        adv = local_advantages(batch, ctx, global_std=o.global_std, clip=o.adv_clip).to(device)
+        adv = local_advantages(batch, global_std=o.global_std, clip=o.adv_clip).to(device)
         gids = batch.group_ids.to(device).long()
         x0 = batch.latents.float()
         n, G = len(batch), ctx.group_size
-        chunks = micro_batches(n, o.micro_batch_size)
+        N = n * ctx.num_processes  # samples of this update on every process
         need_old = o.trust_region or o.reference == "fast-ema"
-        train_sigmas = self.draw_timesteps(ctx, batch.sigmas)
-        P = ctx.accelerator.num_processes
         M = len(train_sigmas)
+        present = ctx.group_sum(torch.ones(n, device=device), gids) > 0  # the groups this update holds
 
         def velocities(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             if len(chunks) == 1:  # one pass: no concatenated copy of its output
@@ -184,24 +194,21 @@ class Dgpo(Objective):
                 if o.trust_region_kl:
                     kl = torch.where(clipped, kl.detach(), kl)
                 if o.loss_form == "released":
-                    pref = (w[gids[c]] * a * L_used).sum() / n
-                    pref_value = pref_value + pref.detach().cpu()
+                    pref = (w[gids[c]] * a * L_used).sum() / N
+                    pref_value = pref_value + pref.detach().cpu() * ctx.num_processes
                 else:
                     s_local = torch.zeros_like(s_g).index_add(0, gids[c], a * L_used) * (o.beta_dpo / G)
                     s_val = s_g + s_local - s_local.detach()  # value: every process; gradient: this chunk
-                    pref = -F.logsigmoid(-s_val).sum() * P / ctx.num_groups
-                ctx.backward((pref + o.beta_kl * kl.sum() / n) / M)
+                    pref = -F.logsigmoid(-s_val)[present].sum() / int(present.sum())
+                yield (pref + o.beta_kl * kl.sum() / N) / M
                 stats["clip"].append(clipped.float())
                 stats["kl"].append(kl.detach())
                 stats["gap"].append(L.detach() - L_base[c])
             if o.loss_form == "paper":
-                pref_value = -F.logsigmoid(-s_g).mean().cpu()
+                pref_value = -F.logsigmoid(-s_g[present]).mean().cpu()
             stats["pref"].append(pref_value)
-            stats["weight"].append(w)
-            stats["s_g"].append(s_g)
-
-        grad_norm = ctx.optimizer_step()
-        self.fast_ema.update(params, min(o.fast_ema_max_decay, o.fast_ema_decay_rate * ctx.step))
+            stats["weight"].append(w[present])
+            stats["s_g"].append(s_g[present])
 
         cat = {k: torch.cat([t.reshape(-1) for t in v]) for k, v in stats.items() if v}
         metrics = {
@@ -219,7 +226,7 @@ class Dgpo(Objective):
         # group weights and sums are already identical on every process
         metrics.update(group_weight_mean=float(cat["weight"].mean()), group_weight_min=float(cat["weight"].min()),
                        group_weight_max=float(cat["weight"].max()), s_g_abs_mean=float(cat["s_g"].abs().mean()),
-                       grad_norm=grad_norm, rollout_ema=float(self._rolls_out_ema(ctx)))
+                       rollout_ema=float(self._rolls_out_ema(ctx)))
         return StepOutput(metrics=metrics, advantages=adv.detach().cpu())
 
     def _group_sums(self, ctx: TrainContext, adv: torch.Tensor, L: torch.Tensor, L_ref: torch.Tensor,

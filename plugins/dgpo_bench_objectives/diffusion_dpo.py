@@ -8,13 +8,14 @@ averaged over pairs; implicit accuracy = ``mean(inside > 0)``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from dgpo_bench.contracts import Conditioning, Objective, OptimizerOptions, RolloutBatch, StepOutput, TrainContext
+from dgpo_bench.contracts import (Conditioning, Objective, OptimizerOptions, RolloutBatch, StepOutput, TrainContext,
+                                  Update)
 
 from .training import micro_batches, velocity_mse
 
@@ -76,30 +77,40 @@ class DiffusionDpo(Objective):
         """One noise per group, shared by its winner and loser."""
         return torch.randn(ctx.num_groups, *shape, generator=ctx.rng("dpo-noise"))
 
-    def train_step(self, batch: RolloutBatch, ctx: TrainContext) -> StepOutput:
+    def update(self, batch: RolloutBatch, ctx: TrainContext) -> Update:
+        """Micro-batches of this process's pairs; every process gets as many passes, padded with
+        zero-weight pairs where the groups do not split evenly."""
+        groups = ctx.gather(batch.group_ids.to(ctx.accelerator.device)).cpu().long().unique()
+        per_process = -(-len(groups) // ctx.num_processes)
+        chunks = micro_batches(per_process, self.options.micro_batch_size)
+        return Update(len(chunks), self._losses(batch, ctx, groups, per_process, chunks))
+
+    def _losses(self, batch: RolloutBatch, ctx: TrainContext, groups: torch.Tensor, per_process: int,
+                chunks: list[slice]) -> Iterator[torch.Tensor]:
         o, bb = self.options, ctx.backbone
         acc = ctx.accelerator
         device = batch.latents.device
         rewards = ctx.gather(batch.rewards.to(acc.device)).cpu()
         gids = ctx.gather(batch.group_ids.to(acc.device)).cpu().long()
-        win, lose, valid = select_pairs(rewards, gids, ctx.num_groups)
+        win, lose, valid = select_pairs(rewards, torch.searchsorted(groups, gids), len(groups))
         # Winner and loser may sit on different processes: every process sees every sample.
         latents = ctx.gather(batch.latents.float().to(acc.device)).to(device)
         cond = Conditioning({k: ctx.gather(v.to(acc.device)).to(device) for k, v in batch.cond.tensors.items()})
-        sigmas = self.pair_sigmas(ctx)
-        noise = self.pair_noise(ctx, tuple(latents.shape[1:]))
-        mine = torch.arange(acc.process_index, ctx.num_groups, acc.num_processes)
+        sigmas = self.pair_sigmas(ctx)[groups]
+        noise = self.pair_noise(ctx, tuple(latents.shape[1:]))[groups]
+        mine = torch.arange(acc.process_index, len(groups), ctx.num_processes)
+        real = torch.cat([torch.ones(len(mine)), torch.zeros(per_process - len(mine))])
+        mine = torch.cat([mine, torch.zeros(per_process - len(mine), dtype=torch.long)])  # padding: weight 0
         n_valid = int(valid.sum())
-        scale = acc.num_processes / max(n_valid, 1)
 
         sums = torch.zeros(4, dtype=torch.float64)  # loss, accuracy, inside, reward margin over valid pairs
-        for c in micro_batches(len(mine), o.micro_batch_size):
-            groups = mine[c]
-            w_idx, l_idx = win[groups], lose[groups]
-            ok = valid[groups].to(device).float()
+        for c in chunks:
+            pairs = mine[c]
+            w_idx, l_idx = win[pairs], lose[pairs]
+            ok = (valid[pairs].float() * real[c]).to(device)
             rows = torch.cat([w_idx, l_idx]).to(device)
-            s = sigmas[groups].to(device).repeat(2)
-            eps = torch.cat([noise[groups], noise[groups]]).to(device)
+            s = sigmas[pairs].to(device).repeat(2)
+            eps = torch.cat([noise[pairs], noise[pairs]]).to(device)
             x0 = latents[rows]
             s_b = s.view(-1, *[1] * (x0.dim() - 1))
             x_t = (1 - s_b) * x0 + s_b * eps
@@ -109,15 +120,12 @@ class DiffusionDpo(Objective):
             with torch.no_grad(), bb.reference():
                 L_w_ref, L_l_ref = velocity_mse(bb.velocity(x_t, s, pair_cond), target).chunk(2)
             loss, inside = dpo_loss(L_w, L_l, L_w_ref, L_l_ref, o.beta)
-            ctx.backward((loss * ok).sum() * scale)
+            yield (loss * ok).sum() / max(n_valid, 1)
             margin = (rewards[w_idx] - rewards[l_idx]).to(device)
             sums += torch.stack([(loss.detach() * ok).sum(), ((inside.detach() > 0).float() * ok).sum(),
                                  (inside.detach() * ok).sum(), (margin * ok).sum()]).double().cpu()
-        if len(mine) == 0:  # no pair here: a zero loss keeps the gradient all-reduce in step
-            ctx.backward(sum(p.sum() for p in bb.trainable_parameters()) * 0.0)
-        grad_norm = ctx.optimizer_step()
 
         totals = ctx.all_reduce_sum(sums.to(acc.device)).cpu() / max(n_valid, 1)
         metrics = {"loss": float(totals[0]), "implicit_acc": float(totals[1]), "inside_mean": float(totals[2]),
-                   "reward_margin": float(totals[3]), "pairs": float(n_valid), "grad_norm": grad_norm}
+                   "reward_margin": float(totals[3]), "pairs": float(n_valid)}
         return StepOutput(metrics=metrics)

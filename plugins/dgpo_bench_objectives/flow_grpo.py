@@ -5,16 +5,20 @@ For each trained step k (the first ``int(T * timestep_fraction)`` stochastic ste
 with the rollout's CFG: ``ratio = exp(logp_theta - logp_old)``,
 ``L = mean(max(-A ratio, -A clamp(ratio, 1 - eps, 1 + eps))) + beta_kl KL`` with
 ``KL = mean((mean_theta - mean_ref)^2) / (2 std_dev_t^2)`` against the frozen reference.
-Losses are averaged over samples and trained steps; one optimizer step per batch.
+Losses are averaged over samples and trained steps. With ``updates_per_rollout`` k the
+rollout's samples are dealt at random into k updates, as the release shuffles them; every
+update after the first is off-policy (its ratio differs from 1 and the clip acts).
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 from pydantic import Field
 
 from dgpo_bench.contracts import (Objective, OptimizerOptions, RolloutBatch, Sampler, SamplerOptions, StepOutput,
-                                  StochasticSampler, TrainContext)
+                                  StochasticSampler, TrainContext, Update)
 from dgpo_bench.errors import IncompatibleComponentsError
 
 from .advantages import local_advantages
@@ -57,6 +61,7 @@ class FlowGrpo(Objective):
     requires = frozenset({"log_probs"})
     default_sampler = "flow-sde"
     needs_trajectory = True
+    shuffle_updates = True
 
     @classmethod
     def check_sampler(cls, options: FlowGrpoOptions, sampler: type[Sampler],
@@ -68,14 +73,20 @@ class FlowGrpo(Objective):
             )
         trained_steps(sampler(sampler_options), sampler_options.steps, options.timestep_fraction)
 
-    def train_step(self, batch: RolloutBatch, ctx: TrainContext) -> StepOutput:
+    def update(self, batch: RolloutBatch, ctx: TrainContext) -> Update:
+        """Trained steps x micro-batches passes; each yields its share of the mean over samples and steps."""
+        steps = trained_steps(ctx.sampler, batch.log_probs.shape[1], self.options.timestep_fraction)
+        chunks = micro_batches(len(batch), self.options.micro_batch_size)
+        return Update(len(steps) * len(chunks), self._losses(batch, ctx, steps, chunks))
+
+    def _losses(self, batch: RolloutBatch, ctx: TrainContext, steps: list[int],
+                chunks: list[slice]) -> Iterator[torch.Tensor]:
         o, bb, sampler = self.options, ctx.backbone, ctx.sampler
         device = batch.latents.device
-        adv = local_advantages(batch, ctx, global_std=o.global_std, clip=o.adv_clip).to(device)
+        adv = local_advantages(batch, global_std=o.global_std, clip=o.adv_clip).to(device)
         traj, old = batch.trajectory, batch.log_probs.to(device)
         n, g = len(batch), batch.guidance_scale
-        steps = trained_steps(sampler, old.shape[1], o.timestep_fraction)
-        chunks = micro_batches(n, o.micro_batch_size)
+        units = n * ctx.num_processes * len(steps)  # samples x trained steps, on every process
         ratios, clipped, approx_kl, kls, policy = [], [], [], [], torch.zeros(())
         for k in steps:
             for c in chunks:
@@ -92,12 +103,11 @@ class FlowGrpo(Objective):
                     kl = (mean - mean_ref).square().flatten(1).mean(1) / (2 * std_dev_t**2)
                     loss = loss + o.beta_kl * kl.sum()
                     kls.append(kl.detach())
-                ctx.backward(loss / (n * len(steps)))
+                yield loss / units
                 policy = policy + pl.detach().sum().cpu() / (n * len(steps))
                 ratios.append(ratio.detach())
                 clipped.append(((ratio.detach() - 1).abs() > o.clip_range).float())
                 approx_kl.append(0.5 * (logp.detach() - old[c, k]).square())
-        grad_norm = ctx.optimizer_step()
 
         r = torch.cat(ratios)
         metrics = {"policy_loss": float(policy), "clip_frac": float(torch.cat(clipped).mean()),
@@ -105,5 +115,5 @@ class FlowGrpo(Objective):
                    "ratio_min": float(r.min()), "ratio_max": float(r.max()),
                    "kl": float(torch.cat(kls).mean()) if kls else 0.0, "adv_abs_mean": float(adv.abs().mean())}
         metrics = reduce_metrics(ctx, metrics, mins=("ratio_min",), maxs=("ratio_max",))
-        metrics.update(grad_norm=grad_norm, trained_steps=float(len(steps)))
+        metrics.update(trained_steps=float(len(steps)))
         return StepOutput(metrics=metrics, advantages=adv.detach().cpu())
