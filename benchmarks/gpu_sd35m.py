@@ -156,7 +156,7 @@ def rollout(bb: RandomMMDiT, cond: Conditioning, noise: torch.Tensor, batch: int
 
 def dgpo_step(bb: RandomMMDiT, ctx: EngineContext, cond: Conditioning, x0: torch.Tensor, gids: torch.Tensor,
               adv: torch.Tensor, ema: list[torch.Tensor], micro: int) -> float:
-    """One DGPO step as released (see ALGORITHMS.md); returns the grad norm."""
+    """One DGPO step as released (the dgpo objective's loss, written out); returns the grad norm."""
     n, G, dev = len(x0), ctx.group_size, bb.device
     parts = chunks(n, micro)
     gen = torch.Generator().manual_seed(ctx.step)

@@ -13,8 +13,8 @@ from .resolve import build_spec, resolve
 from .spec import load_file, parse_rewards
 
 
-def _run_settings(objective, reward, backbone, sampler, eval_sampler, group_size, prompts_per_step, steps,
-                  seed, preset, eval_prompts, eval_every, config) -> dict[str, Any]:
+def _run_settings(objective, reward, backbone, sampler, eval_sampler, group_size, prompts_per_step,
+                  updates_per_rollout, steps, seed, preset, eval_prompts, eval_every, config) -> dict[str, Any]:
     """The user's settings (file, then flags); unset flags leave file/preset/defaults alone."""
     user: dict[str, Any] = load_file(Path(config)) if config else {}
     refs = {"objective": objective, "backbone": backbone, "sampler": sampler}
@@ -26,8 +26,8 @@ def _run_settings(objective, reward, backbone, sampler, eval_sampler, group_size
         user.setdefault("eval", {})["sampler"] = {"name": eval_sampler}
     if reward is not None:
         user["rewards"] = parse_rewards(reward)
-    for key, val in (("group_size", group_size), ("prompts_per_step", prompts_per_step), ("seed", seed),
-                     ("preset", preset)):
+    for key, val in (("group_size", group_size), ("prompts_per_step", prompts_per_step),
+                     ("updates_per_rollout", updates_per_rollout), ("seed", seed), ("preset", preset)):
         if val is not None:
             user[key] = val
     if steps is not None:
@@ -50,7 +50,9 @@ def register_core_commands(app: typer.Typer, state) -> None:
         sampler: Optional[str] = typer.Option(None, "--sampler", help="Rollout sampler (default: the objective's)."),
         eval_sampler: Optional[str] = typer.Option(None, "--eval-sampler", help="Evaluation sampler."),
         group_size: Optional[int] = typer.Option(None, "--group-size", help="Samples per prompt (G)."),
-        prompts_per_step: Optional[int] = typer.Option(None, "--prompts-per-step", help="Groups per optimizer step."),
+        prompts_per_step: Optional[int] = typer.Option(None, "--prompts-per-step", help="Groups per rollout."),
+        updates_per_rollout: Optional[int] = typer.Option(
+            None, "--updates-per-rollout", help="Optimizer steps per rollout, each on 1/k of its samples (default 1)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Budget in optimizer steps."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Run seed."),
         preset: Optional[str] = typer.Option(None, "--preset", help="Named settings, e.g. dgpo-ocr."),
@@ -65,7 +67,7 @@ def register_core_commands(app: typer.Typer, state) -> None:
         """Fine-tune a backbone with one objective and report held-out scores before and after."""
         comps = state.components()
         user = _run_settings(objective, reward, backbone, sampler, eval_sampler, group_size, prompts_per_step,
-                             steps, seed, preset, eval_prompts, eval_every, config)
+                             updates_per_rollout, steps, seed, preset, eval_prompts, eval_every, config)
         spec, notes = build_spec(comps, user, option, source=str(config) if config else "the command line")
         resolved = resolve(comps, spec, notes)
         for note in resolved.notes:

@@ -29,6 +29,8 @@ def _main(capsys, *argv):
     (["compare", "/no/such/dir"], "does not exist"),
     (["compare", "/no/such/[base]"], "/no/such/[base] does not exist"),  # brackets are not markup
     (["run", "--nope"], "No such option: --nope"),
+    (["run", "--updates-per-rollout", "0", "--dry-run"], "Invalid setting 'updates_per_rollout'"),
+    (["run", "--updates-per-rollout", "3", "--dry-run"], "updates_per_rollout=3 must divide prompts_per_step=8"),
 ])
 def test_user_errors_are_one_sentence_and_exit_2(capsys, monkeypatch, tmp_path, argv, needle):
     monkeypatch.chdir(tmp_path)  # a run that fails after starting writes its default runs/ folder here
@@ -36,6 +38,21 @@ def test_user_errors_are_one_sentence_and_exit_2(capsys, monkeypatch, tmp_path, 
     assert code == 2
     assert needle in " ".join(err.split())
     assert "Traceback" not in err and out == ""
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 is refused only on a CPU")
+def test_fp16_on_a_cpu_is_one_sentence_and_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # a fresh process: accelerate reads the mixed precision that 'accelerate launch --mixed_precision fp16' sets once
+    env = dict(os.environ, ACCELERATE_MIXED_PRECISION="fp16", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([str(Path(sys.executable).parent / "dgpo-bench"), "run", "--steps", "1", "--eval-prompts", "1",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "mixed_precision fp16 needs a GPU" in " ".join(proc.stderr.split())
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
 def test_debug_shows_the_traceback(capsys):

@@ -1,51 +1,130 @@
-"""Two CPU processes (gloo, accelerate launch) reproduce a one-process run."""
+"""Two CPU processes (gloo) and two "nodes" on one machine, through accelerate launch and the engine's
+prepared module, reproduce a one-process run."""
 
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 BIN = Path(sys.executable).parent
-TINY = ["--objective", "dgpo", "--reward", "ocr", "--steps", "2", "--group-size", "4", "--prompts-per-step", "2",
-        "--eval-prompts", "4", "-o", "sampler.steps=4", "-o", "eval-sampler.steps=4",
-        "-o", "nano.autocast=off"]
+TINY = ["--reward", "ocr", "--steps", "3", "--group-size", "4", "--prompts-per-step", "2", "--eval-prompts", "4",
+        "-o", "sampler.steps=4", "-o", "eval-sampler.steps=4", "-o", "nano.autocast=off"]
+SPEC = {"dgpo": "", "flow-grpo": "updates_per_rollout = 2\n"}
+"""Flow-GRPO deals each rollout into two updates, the second off-policy."""
+LOSSES = {"dgpo": ("pref_loss", "kl", "grad_norm"), "flow-grpo": ("policy_loss", "kl", "ratio_min", "grad_norm")}
+LAUNCH = ["--mixed_precision", "no", "--dynamo_backend", "no"]
+needs_launcher = pytest.mark.skipif(shutil.which("accelerate", path=str(BIN)) is None,
+                                    reason="accelerate CLI not installed")
 
 
-def _run(cmd, tmp_path):
-    # CUDA hidden, so that on a one-GPU machine both processes stay on the CPU (gloo)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+def _env():
+    # CUDA hidden, so that on a GPU machine every process stays on the CPU (gloo)
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+
+
+def _run_args(objective, tmp, out):
+    cfg = tmp / f"{objective}.toml"
+    cfg.write_text(SPEC[objective] + "log_samples = true\n[eval]\nbatch_size = 4\ngrid = 0\n")
+    return [str(BIN / "dgpo-bench"), "run", "--objective", objective, *TINY, "--config", str(cfg), "--out", str(out)]
+
+
+def _check(proc):
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
-def _rollouts(run_dir):
-    return [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-@pytest.mark.skipif(shutil.which("accelerate", path=str(BIN)) is None, reason="accelerate CLI not installed")
-def test_two_processes_match_one(tmp_path):
-    cfg = tmp_path / "spec.toml"
-    cfg.write_text("log_samples = true\n[eval]\nbatch_size = 4\ngrid = 0\n")
-    one, two = tmp_path / "one", tmp_path / "two"
-    _run([str(BIN / "dgpo-bench"), "run", *TINY, "--config", str(cfg), "--out", str(one)], tmp_path)
-    # without CUDA, accelerate's multi-process launcher runs gloo on the CPU
-    _run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", str(BIN / "dgpo-bench"), "run", *TINY,
-          "--config", str(cfg), "--out", str(two)], tmp_path)
-    r1, r2 = _rollouts(one), _rollouts(two)
-    assert len(r1) == len(r2) == 2
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """One-process runs of each objective, made once for the module."""
+    made = {}
+
+    def get(objective):
+        if objective not in made:
+            tmp = tmp_path_factory.mktemp(f"one-{objective}")
+            _check(subprocess.run(_run_args(objective, tmp, tmp / "run"), capture_output=True, text=True,
+                                  env=_env(), timeout=600, cwd=tmp))
+            made[objective] = tmp / "run"
+        return made[objective]
+    return get
+
+
+def _records(run_dir, name):
+    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+
+
+def _weights(run_dir):
+    return load_file(str(run_dir / "weights" / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def assert_same_run(one, many, objective, processes):
+    r1, r2 = _records(one, "rollouts.jsonl"), _records(many, "rollouts.jsonl")
+    assert len(r1) == len(r2) == 3
     for a, b in zip(r1, r2):
-        assert a["group_ids"] == b["group_ids"] == [0, 0, 0, 0, 1, 1, 1, 1]
+        assert a["group_ids"] == b["group_ids"]
         assert a["rewards"] == pytest.approx(b["rewards"], abs=1e-6)
         assert a["advantages"] == pytest.approx(b["advantages"], abs=1e-5)
-    res1 = json.loads((one / "result.json").read_text())
-    res2 = json.loads((two / "result.json").read_text())
-    assert res2["cost"]["processes"] == 2
+    t1 = [r for r in _records(one, "metrics.jsonl") if r["type"] == "train"]
+    t2 = [r for r in _records(many, "metrics.jsonl") if r["type"] == "train"]
+    for a, b in zip(t1, t2):
+        for key in LOSSES[objective]:
+            assert a["metrics"][key] == pytest.approx(b["metrics"][key], rel=1e-4, abs=1e-7), (a["step"], key)
+    res1, res2 = (json.loads((d / "result.json").read_text()) for d in (one, many))
+    assert res2["cost"]["processes"] == processes
     assert res1["cost"]["nfe"] == res2["cost"]["nfe"]
+    assert res1["cost"]["optimizer_steps"] == res2["cost"]["optimizer_steps"] == 3
     assert res1["base"]["ocr"] == pytest.approx(res2["base"]["ocr"], abs=1e-6)
+    assert res1["tuned"]["ocr"] == pytest.approx(res2["tuned"]["ocr"], abs=1e-6)
+    w1, w2 = _weights(one), _weights(many)
+    assert w1.keys() == w2.keys()
+    base = _base_weights()
+    step = torch.cat([(w1[k] - base[k]).flatten() for k in w1]).abs()
+    diff = torch.cat([(w2[k] - w1[k]).flatten() for k in w1]).abs()
+    # Adam divides by sqrt(v): on near-zero gradients the reduction order's rounding moves a few
+    # weights by a few per cent of a step; everywhere else the runs agree to rounding
+    assert step.max() > 0 and diff.max() <= 0.05 * step.max()
+    assert diff.mean() <= 1e-3 * step.mean()
+
+
+def _base_weights():
+    from dgpo_bench_backbones.nano.model import default_weights_dir
+
+    state = load_file(str(default_weights_dir("text") / "model.safetensors"))
+    return {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
+
+
+@needs_launcher
+@pytest.mark.parametrize("objective", ["dgpo", "flow-grpo"])
+def test_two_processes_match_one(objective, one_process, tmp_path):
+    # without CUDA, accelerate's multi-process launcher runs gloo on the CPU
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", *LAUNCH,
+           "--main_process_port", str(_free_port()), *_run_args(objective, tmp_path, tmp_path / "two")]
+    _check(subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path))
+    assert_same_run(one_process(objective), tmp_path / "two", objective, 2)
+
+
+@needs_launcher
+def test_two_nodes_match_one_process(one_process, tmp_path):
+    port = str(_free_port())
+    procs = [subprocess.Popen([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2",
+                               "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                               "--main_process_port", port, *LAUNCH,
+                               *_run_args("flow-grpo", tmp_path, tmp_path / "nodes")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
+             for rank in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    assert_same_run(one_process("flow-grpo"), tmp_path / "nodes", "flow-grpo", 2)

@@ -45,7 +45,7 @@ def test_cli_flags_replace_a_published_presets_backbone_reward_and_options(capsy
 
 # --------------------------------------------------------------------------- published values
 
-# ALGORITHMS.md's DGPO table and released configs: beta_dpo, beta_kl, clip, G, trunc_steps, global std, switch
+# The DGPO paper's table and released configs: beta_dpo, beta_kl, clip, G, trunc_steps, global std, switch
 DGPO = {"dgpo-ocr": (100.0, 0.02, 1e-2, 16, 6, True, 200),
         "dgpo-geneval": (100.0, 0.02, 1e-2, 16, 4, False, 500),
         "dgpo-pickscore": (10.0, 0.001, 5e-2, 24, 6, True, 200)}
@@ -54,7 +54,7 @@ DPO = ("diffusion-dpo-ocr", "diffusion-dpo-geneval", "diffusion-dpo-pickscore")
 OPTIMIZER = {"lr": 3e-4, "weight_decay": 1e-4, "grad_clip": 1.0, "betas": (0.9, 0.999)}
 SD3_ROLLOUT = {"steps": 10, "guidance_scale": 4.5, "shift": 3.0}
 DGPO_GRID = [0.9997, 0.964, 0.923, 0.875, 0.818, 0.750, 0.666, 0.562, 0.428, 0.250, 0.0]
-"""ALGORITHMS.md: the 10-step rollout grid (DPM-Solver++ 2M, shift 3)."""
+"""The released 10-step rollout grid (DPM-Solver++ 2M, shift 3)."""
 
 
 def check_shared(r, sampler, lora):
@@ -94,8 +94,8 @@ def test_flow_grpo_presets(components, name):
     o = r.objective[1]
     assert (o.beta_kl, o.clip_range, o.timestep_fraction, o.global_std, o.adv_clip) == \
         (FLOW_GRPO_BETA[name], 1e-4, 0.99, True, 5.0)
-    # G 24; 24 groups per optimizer step (the released 48 per two steps, see presets.py)
-    assert (r.spec.group_size, r.spec.prompts_per_step) == (24, 24)
+    # G 24; 48 groups per rollout, dealt into two optimizer steps (the second off-policy), as released
+    assert (r.spec.group_size, r.spec.prompts_per_step, r.spec.updates_per_rollout) == (24, 48, 2)
     check_shared(r, "flow-sde", (32, 64))
     assert (r.sampler[1].noise_level, r.sampler[1].sde_window) == (0.7, None)
     # trained: the stochastic steps k < int(T * timestep_fraction), i.e. 0..8 of 10

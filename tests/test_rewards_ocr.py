@@ -31,7 +31,7 @@ def reference_levenshtein(a: str, b: str) -> int:
 
 
 def reference_score(recognised: str, target: str) -> float:
-    """ALGORITHMS.md: lower-case, drop spaces; 1 for a substring, else max(0, 1 - lev / len)."""
+    """As the DGPO and Flow-GRPO releases score OCR: lower-case, drop spaces; 1 for a substring, else max(0, 1 - lev / len)."""
     r, t = recognised.lower().replace(" ", ""), target.lower().replace(" ", "")
     return 1.0 if t in r else max(0.0, 1.0 - reference_levenshtein(r, t) / len(t))
 

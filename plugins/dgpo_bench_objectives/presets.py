@@ -1,25 +1,18 @@
 """Presets: the published settings of each objective (SD3.5-Medium) and nano-scale starting points.
 
-Published values follow ALGORITHMS.md and the authors' released configs: DGPO (LoRA r 64 /
+Published values follow the papers and the authors' released configs: DGPO (LoRA r 64 /
 alpha 128, DPM-Solver++ 10 steps, CFG 4.5, shift 3, 8 groups per step), Flow-GRPO (LoRA r 32
 / alpha 64, SDE 10 steps, noise 0.7, G 24, the global std on all three tasks), online
 Diffusion-DPO as DGPO's baseline (beta 100, lr 3e-4, LoRA, DGPO's rollouts). Each also
 names its backbone (sd3, with the method's LoRA) and its task's training reward, so
 ``--preset dgpo-geneval`` alone trains SD3.5-M on GenEval; ``--backbone`` or ``--reward``
-still replace them. The nano presets start from NANO_NOTES.md (full fine-tuning, lr 1e-4,
+still replace them. The nano presets start from the nano model's pretraining notes (full fine-tuning, lr 1e-4,
 beta_dpo scaled up for pixel-space losses) and are meant to be swept.
 
-Flow-GRPO's update schedule deviates from the release. Its configs sample 48 groups per
-epoch, take advantages over all 1152 rewards, shuffle each process's samples and make two
-optimizer steps per epoch, each on half of them with the log-probs stored at rollout, so
-the second step is off-policy: its ratio differs from 1 and the 1e-4 clip acts. The engine
-makes one optimizer step per objective step (budget.steps, eval.every, eval.ema.every and
-prompts_per_step all count optimizer steps); an objective that stepped twice would get
-twice the optimizer steps of a step budget and half the evaluation-EMA updates per
-optimizer step. These presets roll out 24 groups and step once on them instead: the same
-images, reward calls and optimizer steps per image as released, but every update is
-on-policy (ratio exactly 1, clip_frac 0: the clip never acts) and the advantages' global
-std covers 576 rewards, not 1152.
+Flow-GRPO's update schedule is the release's: 48 groups of 24 per rollout, advantages over
+all 1152 rewards, the samples dealt at random into two optimizer steps of 576
+(``updates_per_rollout = 2``), the second re-scoring the log-probs stored at rollout, so its
+ratio differs from 1 and the 1e-4 clip acts. Budgets count optimizer steps.
 """
 
 from __future__ import annotations
@@ -42,12 +35,13 @@ geneval' from a plugin that provides it), as in benchmarks/geneval-sd35m.toml.""
 
 
 def _preset(objective: str, objective_options: dict[str, Any], sampler: str, sampler_options: dict[str, Any],
-            group_size: int, prompts_per_step: int) -> dict[str, Any]:
+            group_size: int, prompts_per_step: int, updates_per_rollout: int = 1) -> dict[str, Any]:
     return {
         "objective": {"name": objective, "options": objective_options},
         "sampler": {"name": sampler, "options": sampler_options},
         "group_size": group_size,
         "prompts_per_step": prompts_per_step,
+        "updates_per_rollout": updates_per_rollout,
     }
 
 
@@ -67,7 +61,7 @@ def _dgpo(task: str, beta_dpo: float, beta_kl: float, clip: float, trunc: int, g
 
 def _flow_grpo(task: str, beta_kl: float) -> dict[str, Any]:
     opts = {**OPTIMIZER, "beta_kl": beta_kl, "clip_range": 1e-4, "timestep_fraction": 0.99, "global_std": True}
-    return _published(task, _preset("flow-grpo", opts, "flow-sde", {**SD3_SAMPLING, "noise_level": 0.7}, 24, 24),
+    return _published(task, _preset("flow-grpo", opts, "flow-sde", {**SD3_SAMPLING, "noise_level": 0.7}, 24, 48, 2),
                       32, 64)
 
 
