@@ -32,10 +32,13 @@ def make_accelerator():
     an MM-DiT's last block, whose context output is discarded).
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise SpecError(f"{acc.distributed_type.value} runs are not supported yet (the EMA weights, checkpoints and "
+                        "export assume whole parameters); launch with DDP instead (accelerate launch --multi_gpu).")
     if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
         raise SpecError("mixed_precision fp16 needs a GPU (its loss scaler runs on CUDA); on a CPU use bf16 or no "
                         "in the accelerate config or --mixed_precision.")

@@ -164,3 +164,46 @@ def check_reward(reward_cls: type[Reward], options: dict[str, Any] | None = None
         reward.close()
     reward.close()
     return scores
+
+
+class _CountingModule(torch.nn.Module):
+    """Wraps a module and counts its forward calls (a stand-in for the engine's prepared module)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+def check_backbone_training(backbone: Backbone, latents: torch.Tensor, sigmas: torch.Tensor,
+                            texts: Sequence[str]) -> None:
+    """A loaded backbone trains through the module the engine prepares.
+
+    Checks: ``trainable_parameters()`` are parameters of ``trainable_module()`` and all
+    require gradients; after ``use_prepared(wrapper)`` the policy ``velocity`` calls the
+    wrapper (so DDP/FSDP synchronise gradients in that forward) and its gradient reaches
+    the trainable parameters; the reference pass does not depend on the trainable weights.
+    """
+    module = backbone.trainable_module()
+    owned = {id(p) for p in module.parameters()}
+    params = backbone.trainable_parameters()
+    _require(bool(params) and all(id(p) in owned and p.requires_grad for p in params),
+             "trainable_parameters() must be parameters of trainable_module() that require gradients.")
+    wrapper, previous = _CountingModule(module), backbone._prepared
+    backbone.use_prepared(wrapper)
+    try:
+        cond = backbone.encode_prompts(list(texts))
+        v = backbone.velocity(latents, sigmas, cond)
+        _require(wrapper.calls >= 1, "velocity() did not call the prepared module; run the trainable weights through "
+                                     "self.policy_module in _velocity.")
+        grads = torch.autograd.grad(v.float().square().sum(), params, allow_unused=True)
+        _require(any(g is not None and bool(g.abs().sum() > 0) for g in grads),
+                 "The policy velocity's gradient reaches no trainable parameter.")
+        with torch.no_grad(), backbone.reference():
+            ref = backbone.velocity(latents, sigmas, cond)
+        _require(not ref.requires_grad, "The reference velocity must not carry a gradient under torch.no_grad.")
+    finally:
+        backbone.use_prepared(previous)

@@ -212,3 +212,32 @@ def test_check_light_import_catches_heavy_imports_at_construction(tmp_path, monk
 
     with pytest.raises(ContractViolation, match="imports cv2; import heavy libraries inside load"):
         check_light_import(Heavy)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_the_nano_backbone_trains_through_the_prepared_module(tiny_weights, lora_rank):
+    from dgpo_bench.testing import check_backbone_training
+    from dgpo_bench_backbones.nano.backbone import NanoBackbone
+
+    bb = NanoBackbone({"weights": str(tiny_weights), "lora_rank": lora_rank, "autocast": "off"})
+    bb.load(LoadContext(device=torch.device("cpu")))
+    x = torch.randn(2, *bb.latent_shape, generator=torch.Generator().manual_seed(0))
+    check_backbone_training(bb, x, torch.tensor([0.3, 0.8]), ["a", "b"])
+
+
+def test_check_backbone_training_catches_a_forward_around_the_prepared_module(tiny_weights):
+    from dgpo_bench.testing import check_backbone_training
+    from dgpo_bench_backbones.nano.backbone import NanoBackbone
+
+    class Bypass(NanoBackbone):
+        """Calls its transformer directly, so DDP would never synchronise its gradients."""
+
+        @property
+        def policy_module(self):
+            return self.transformer
+
+    bb = Bypass({"weights": str(tiny_weights), "autocast": "off"})
+    bb.load(LoadContext(device=torch.device("cpu")))
+    x = torch.randn(2, *bb.latent_shape, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ContractViolation, match="did not call the prepared module"):
+        check_backbone_training(bb, x, torch.tensor([0.3, 0.8]), ["a", "b"])
