@@ -29,13 +29,17 @@ def make_accelerator():
     """The run's Accelerator, configured by ``accelerate launch`` / the user's accelerate config.
 
     DDP is told to expect parameters that get no gradient (e.g. the context projections of
-    an MM-DiT's last block, whose context output is discarded).
+    an MM-DiT's last block, whose context output is discarded), and not to broadcast buffers
+    at each forward: they are constants here (positional embeddings), and a broadcast would
+    make every forward a collective, hanging wherever processes evaluate different numbers
+    of batches (an uneven split of the held-out prompts).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
     acc = Accelerator(cpu=not torch.cuda.is_available(),
-                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True,
+                                                                      broadcast_buffers=False)])
     if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise SpecError(f"{acc.distributed_type.value} runs are not supported yet (the EMA weights, checkpoints and "
                         "export assume whole parameters); launch with DDP instead (accelerate launch --multi_gpu).")

@@ -367,7 +367,7 @@ class Engine:
                                       self.spec.budget.seconds if bar_seconds else total)
             self.progress.update(task, completed=self.meter.train_seconds if bar_seconds else step)
             done = self._over_budget(step)
-            k, pending = self.spec.updates_per_rollout, []
+            k, pending, saved_at = self.spec.updates_per_rollout, [], step
             while not done:
                 if not pending:  # a resumed run starts at a rollout boundary (checkpoints are taken there)
                     self.ctx.step = step
@@ -382,8 +382,10 @@ class Engine:
                 # the last step's evaluation is the final one, made once below
                 if self.spec.eval.every and step % self.spec.eval.every == 0 and not done:
                     self._evaluate(step, f"step{step:05d}")
-                if self.spec.checkpoint_every and step % self.spec.checkpoint_every == 0 and not pending:
+                every = self.spec.checkpoint_every
+                if every and not pending and step // every > saved_at // every:  # rollout boundaries only
                     self._save_checkpoint(step, base)
+                    saved_at = step
             self.progress.finish(task)
             final = self._evaluate(step, "final")
             if self.main:

@@ -87,7 +87,8 @@ class RunSpec(_Strict):
     prompts: PromptFiles = Field(default_factory=PromptFiles)
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0)
-    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    """Save a resumable checkpoint every N steps (0: only at the end); with updates_per_rollout > 1, at
+    the first rollout boundary at or after each multiple of N."""
     updates_per_rollout: int = Field(1, ge=1)
     """Optimizer steps taken on one rollout of prompts_per_step groups, each on 1/k of its samples
     (Flow-GRPO's release takes 2, the second off-policy); budgets count optimizer steps."""
@@ -123,9 +124,6 @@ class RunSpec(_Strict):
         if self.prompts_per_step % k:
             raise ValueError(f"updates_per_rollout={k} must divide prompts_per_step={self.prompts_per_step} (each "
                              "update trains on prompts_per_step / updates_per_rollout groups' worth of samples)")
-        if self.checkpoint_every % k:
-            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of updates_per_rollout={k} "
-                             "(checkpoints are taken between rollouts)")
         return self
 
     @property
