@@ -4,7 +4,8 @@
 
 Builds the engine as ``dgpo-bench run`` does, then for K optimizer steps' worth of fresh
 rollouts (steps 0..K-1: their own prompts, noise and timestep draws) runs the objective's
-``train_step`` with the optimizer step replaced by a capture of the gradient, so the
+update through the engine (``EngineContext.update``) with the optimizer step replaced by a
+capture of the gradient, so the
 weights never move and every estimate is of the same expected gradient. Prints the
 pairwise cosines between the K gradients. If an estimate from N images is signal plus
 independent noise, the mean cosine is c = |g|^2 / (|g|^2 + s^2 / N), so the images per
