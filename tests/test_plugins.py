@@ -6,7 +6,7 @@ import warnings
 import pytest
 
 import dgpo_bench
-from dgpo_bench.contracts import Objective, Reward, Sampler
+from dgpo_bench.contracts import Reward
 from dgpo_bench.errors import (DuplicateComponentError, IncompatibleComponentsError, InvalidOptionsError,
                                PluginLoadError, UnknownComponentError)
 from dgpo_bench.plugins import get_plugin_manager, load_components

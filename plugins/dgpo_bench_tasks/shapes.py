@@ -19,7 +19,6 @@ classification by bounding-box fill ratio, returning GenEval-style partial credi
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 import numpy as np
 

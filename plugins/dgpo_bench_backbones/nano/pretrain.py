@@ -18,9 +18,7 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
