@@ -80,18 +80,18 @@ class DiffusionDpo(Objective):
     def update(self, batch: RolloutBatch, ctx: TrainContext) -> Update:
         """Micro-batches of this process's pairs; every process gets as many passes, padded with
         zero-weight pairs where the groups do not split evenly."""
-        groups = ctx.gather(batch.group_ids.to(ctx.accelerator.device)).cpu().long().unique()
+        gids = ctx.gather(batch.group_ids.to(ctx.accelerator.device)).cpu().long()
+        groups = gids.unique()
         per_process = -(-len(groups) // ctx.num_processes)
         chunks = micro_batches(per_process, self.options.micro_batch_size)
-        return Update(len(chunks), self._losses(batch, ctx, groups, per_process, chunks))
+        return Update(len(chunks), self._losses(batch, ctx, gids, groups, per_process, chunks))
 
-    def _losses(self, batch: RolloutBatch, ctx: TrainContext, groups: torch.Tensor, per_process: int,
-                chunks: list[slice]) -> Iterator[torch.Tensor]:
+    def _losses(self, batch: RolloutBatch, ctx: TrainContext, gids: torch.Tensor, groups: torch.Tensor,
+                per_process: int, chunks: list[slice]) -> Iterator[torch.Tensor]:
         o, bb = self.options, ctx.backbone
         acc = ctx.accelerator
         device = batch.latents.device
         rewards = ctx.gather(batch.rewards.to(acc.device)).cpu()
-        gids = ctx.gather(batch.group_ids.to(acc.device)).cpu().long()
         win, lose, valid = select_pairs(rewards, torch.searchsorted(groups, gids), len(groups))
         # Winner and loser may sit on different processes: every process sees every sample.
         latents = ctx.gather(batch.latents.float().to(acc.device)).to(device)
