@@ -40,9 +40,10 @@ def make_accelerator():
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True,
                                                                       broadcast_buffers=False)])
-    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise SpecError(f"{acc.distributed_type.value} runs are not supported yet (the EMA weights, checkpoints and "
-                        "export assume whole parameters); launch with DDP instead (accelerate launch --multi_gpu).")
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise SpecError("DeepSpeed runs are not supported yet (accelerate's DeepSpeed engine steps at every backward "
+                        "pass of an update); launch with DDP (accelerate launch --multi_gpu) or FSDP2 (--use_fsdp "
+                        "--fsdp_version 2) instead.")
     if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
         raise SpecError("mixed_precision fp16 needs a GPU (its loss scaler runs on CUDA); on a CPU use bf16 or no "
                         "in the accelerate config or --mixed_precision.")
@@ -67,6 +68,26 @@ class EngineContext(TrainContext):
     @property
     def params(self) -> list[torch.nn.Parameter]:
         return self.backbone.trainable_parameters()
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's state with whole tensors (gathered under FSDP2, where every process calls it
+        and the main one receives it)."""
+        if not self.accelerator.is_fsdp2:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.module, self.optimizer.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Load what ``optimizer_state`` returned (sharded again under FSDP2)."""
+        if not self.accelerator.is_fsdp2:
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.module, self.optimizer.optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
 
     def rng(self, *keys: int | str) -> torch.Generator:
         return torch.Generator("cpu").manual_seed(derive_seed(self.seed, "objective", self.step, *keys))

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import InvalidOptionsError
 from .meters import CostMeter
+from .sharding import is_sharded, reshard
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -200,8 +201,10 @@ class Backbone(Component):
         """Context in which the model computes with its frozen base weights."""
         raise NotImplementedError
 
-    def save_trainable(self, directory: Path) -> None:
-        """Write the trainable weights in a format the ecosystem loads."""
+    def save_trainable(self, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the trainable weights in a format the ecosystem loads. ``state`` is the whole state dict
+        of ``trainable_module()`` (the engine gathers it when the module is sharded); None: read it
+        from the module."""
         raise NotImplementedError
 
     def load_trainable(self, directory: Path) -> None:
@@ -270,16 +273,18 @@ class Backbone(Component):
         Under ``torch.no_grad`` (EMA rollouts and passes) a parameter whose tensor has the same
         dtype, device, shape and strides is pointed at it rather than copied (no clone, copy in and
         copy back of every weight), so the parameters must not be changed in place inside the block:
-        that would change ``tensors``. With gradients on, or where the dtype differs (the copy
-        rounds), the values are copied in and the old ones restored afterwards.
+        that would change ``tensors``. With gradients on, where the dtype differs (the copy rounds)
+        or where the parameter is sharded (FSDP2 gathers from its own storage), the values are
+        copied in and the old ones restored afterwards.
         """
+        reshard(self.policy_module)
         params = self.trainable_parameters()
         lend = not torch.is_grad_enabled()
         with torch.no_grad():
             saved: list[tuple[torch.nn.Parameter, torch.Tensor, bool]] = []
             for p, t in zip(params, tensors):
-                shared = (lend and t.dtype == p.dtype and t.device == p.device and t.layout == p.layout
-                          and t.shape == p.shape and t.stride() == p.stride())
+                shared = (lend and not is_sharded(p) and not is_sharded(t) and t.dtype == p.dtype and t.device == p.device
+                          and t.layout == p.layout and t.shape == p.shape and t.stride() == p.stride())
                 saved.append((p, p.data, shared) if shared else (p, p.detach().clone(), shared))
                 if shared:
                     p.data = t.detach()

@@ -21,6 +21,7 @@ import torch
 from .context import EngineContext, derive_seed, make_accelerator, sample_seeds
 from .contracts import Backbone, LoadContext, Prompt, Reward, RolloutBatch, SampleNoise, SampleOutput
 from .ema import WeightEma
+from .sharding import full_tensor, like
 from .errors import MissingWeightsError, SpecError
 from .evaluation import EvalResult, evaluate, score_reward
 from .meters import CostMeter
@@ -288,17 +289,20 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, step: int, base: EvalResult) -> None:
-        if not self.main:
-            return
+        """Whole tensors of the trainable weights, evaluation EMA, optimizer and objective state; every
+        process gathers (a no-op unless sharded), the main one writes."""
         from safetensors.torch import save_file
 
-        params = {f"p{i}": p.detach().contiguous().cpu() for i, p in enumerate(self.backbone.trainable_parameters())}
+        params = {f"p{i}": full_tensor(p.detach()).contiguous().cpu()
+                  for i, p in enumerate(self.backbone.trainable_parameters())}
         if self.eval_ema is not None:
-            params.update({f"e{i}": t.contiguous().cpu() for i, t in enumerate(self.eval_ema.tensors)})
+            params.update({f"e{i}": t.contiguous() for i, t in enumerate(self.eval_ema.state_dict())})
+        state = {"optimizer": self.ctx.optimizer_state(), "objective": self.objective.state_dict()}
+        if not self.main:
+            return
         with replaced_atomically(self.run_dir / CHECKPOINT_DIR) as tmp:
             save_file(params, str(tmp / "trainable.safetensors"))
-            torch.save({"optimizer": self.ctx.optimizer.state_dict(), "objective": self.objective.state_dict()},
-                       tmp / "state.pt")
+            torch.save(state, tmp / "state.pt")
             write_json(tmp / "engine.json", {"step": step, "cost": self.meter.snapshot(), "base": base.scores,
                                              "base_per_prompt": base.per_prompt})
 
@@ -322,10 +326,10 @@ class Engine:
                             "(and evaluation EMA); it belongs to another spec: use another --out.")
         with torch.no_grad():
             for i, p in enumerate(trainable):
-                p.copy_(params[f"p{i}"])
+                p.copy_(like(params[f"p{i}"], p))
         if self.eval_ema is not None:
             self.eval_ema.load_state_dict([params[f"e{i}"] for i in range(len(trainable))])
-        self.ctx.optimizer.load_state_dict(state["optimizer"])
+        self.ctx.load_optimizer_state(state["optimizer"])
         self.objective.load_state_dict(state["objective"])
         self.meter.restore(info["cost"])
         return info["step"], EvalResult(info["base"], info.get("base_per_prompt", {}), None, [])
@@ -388,9 +392,11 @@ class Engine:
                     saved_at = step
             self.progress.finish(task)
             final = self._evaluate(step, "final")
-            if self.main:
-                with self._eval_weights(), replaced_atomically(self.run_dir / "weights") as tmp:
-                    self.backbone.save_trainable(tmp)
+            with self._eval_weights():
+                state = self.acc.get_state_dict(self.ctx.module)  # every process: gathered when sharded
+                if self.main:  # inside the swap: unsharded, the state's tensors are the parameters themselves
+                    with replaced_atomically(self.run_dir / "weights") as tmp:
+                        self.backbone.save_trainable(tmp, state)
         result = {
             "status": "finished",
             "spec": self.r.resolved_dict(),

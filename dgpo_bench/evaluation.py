@@ -73,9 +73,17 @@ def evaluate(backbone: Backbone, sampler: Sampler, rewards: dict[str, Reward], p
     grid_images: list[np.ndarray] = []
     task = progress.task(label, len(mine) * len(seeds)) if progress else None
     backbone.train(False)
+    starts: list[int | None] = list(range(0, len(mine), batch_size))
+    if getattr(accelerator, "is_fsdp2", False):
+        # sharded weights are gathered at every forward: as many batches as the process with the most prompts
+        most = -(-len(prompts) // world)
+        starts += [None] * (-(-most // batch_size) - len(starts))
     with backbone.meter.phase("eval"):
         for s_i, seed in enumerate(seeds):
-            for start in range(0, len(mine), batch_size):
+            for start in starts:
+                if start is None:  # a forward to keep in step, scored by nobody
+                    sampler.sample(backbone, backbone.encode_prompts([prompts[0].text]), eval_noise(backbone, seed, [0]))
+                    continue
                 idx = mine[start:start + batch_size]
                 batch_prompts = [prompts[i] for i in idx]
                 cond = backbone.encode_prompts([p.text for p in batch_prompts])

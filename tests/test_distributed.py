@@ -31,10 +31,11 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
 
 
-def _run_args(objective, tmp, out):
+def _run_args(objective, tmp, out, extra=""):
     cfg = tmp / f"{objective}.toml"
-    cfg.write_text(SPEC[objective] + "log_samples = true\n[eval]\nbatch_size = 4\ngrid = 0\n")
-    return [str(BIN / "dgpo-bench"), "run", "--objective", objective, *TINY, "--config", str(cfg), "--out", str(out)]
+    cfg.write_text(SPEC[objective] + extra + "log_samples = true\n[eval]\nbatch_size = 4\ngrid = 0\n"
+                   "[eval.ema]\ndecay = 0.9\nevery = 1\n")  # the exported weights are the evaluation EMA
+    return ["run", "--objective", objective, *TINY, "--config", str(cfg), "--out", str(out)]
 
 
 def _check(proc):
@@ -55,8 +56,8 @@ def one_process(tmp_path_factory):
     def get(objective):
         if objective not in made:
             tmp = tmp_path_factory.mktemp(f"one-{objective}")
-            _check(subprocess.run(_run_args(objective, tmp, tmp / "run"), capture_output=True, text=True,
-                                  env=_env(), timeout=600, cwd=tmp))
+            _check(subprocess.run([str(BIN / "dgpo-bench"), *_run_args(objective, tmp, tmp / "run")],
+                                  capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp))
             made[objective] = tmp / "run"
         return made[objective]
     return get
@@ -70,7 +71,7 @@ def _weights(run_dir):
     return load_file(str(run_dir / "weights" / "transformer" / "diffusion_pytorch_model.safetensors"))
 
 
-def assert_same_run(one, many, objective, processes):
+def assert_same_run(one, many, objective, processes, rel=1e-4):
     r1, r2 = _records(one, "rollouts.jsonl"), _records(many, "rollouts.jsonl")
     assert len(r1) == len(r2) == 3
     for a, b in zip(r1, r2):
@@ -81,7 +82,7 @@ def assert_same_run(one, many, objective, processes):
     t2 = [r for r in _records(many, "metrics.jsonl") if r["type"] == "train"]
     for a, b in zip(t1, t2):
         for key in LOSSES[objective]:
-            assert a["metrics"][key] == pytest.approx(b["metrics"][key], rel=1e-4, abs=1e-7), (a["step"], key)
+            assert a["metrics"][key] == pytest.approx(b["metrics"][key], rel=rel, abs=1e-7), (a["step"], key)
     res1, res2 = (json.loads((d / "result.json").read_text()) for d in (one, many))
     assert res2["cost"]["processes"] == processes
     assert res1["cost"]["nfe"] == res2["cost"]["nfe"]
@@ -111,7 +112,8 @@ def _base_weights():
 def test_two_processes_match_one(objective, one_process, tmp_path):
     # without CUDA, accelerate's multi-process launcher runs gloo on the CPU
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", *LAUNCH,
-           "--main_process_port", str(_free_port()), *_run_args(objective, tmp_path, tmp_path / "two")]
+           "--main_process_port", str(_free_port()), str(BIN / "dgpo-bench"),
+           *_run_args(objective, tmp_path, tmp_path / "two")]
     _check(subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path))
     assert_same_run(one_process(objective), tmp_path / "two", objective, 2)
 
@@ -121,7 +123,7 @@ def test_two_nodes_match_one_process(one_process, tmp_path):
     port = str(_free_port())
     procs = [subprocess.Popen([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2",
                                "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
-                               "--main_process_port", port, *LAUNCH,
+                               "--main_process_port", port, *LAUNCH, str(BIN / "dgpo-bench"),
                                *_run_args("flow-grpo", tmp_path, tmp_path / "nodes")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
              for rank in (0, 1)]
@@ -129,3 +131,24 @@ def test_two_nodes_match_one_process(one_process, tmp_path):
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     assert_same_run(one_process("flow-grpo"), tmp_path / "nodes", "flow-grpo", 2)
+
+
+@needs_launcher
+@pytest.mark.parametrize("objective", ["dgpo", "flow-grpo"])
+def test_fsdp2_two_processes_match_one_and_resume_exactly(objective, one_process, tmp_path):
+    """The sharded path on a CPU (see tests/fsdp2_launch.py), launched with the shipped FSDP2 config (one
+    shard unit per MM-DiT block) on 2 processes: sharded weights, a per-shard fast EMA and gathered
+    checkpoints, interrupted after step 2's checkpoint and resumed, reproduce one unsharded process."""
+    config = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "fsdp2_8gpu.yaml"
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2", *LAUNCH,
+           "--main_process_port", str(_free_port()), str(Path(__file__).with_name("fsdp2_launch.py")),
+           *_run_args(objective, tmp_path, tmp_path / "fsdp", extra="checkpoint_every = 2\n")]
+    stopped = subprocess.run(cmd, capture_output=True, text=True, env=dict(_env(), STOP_AFTER_CHECKPOINT="2"),
+                             timeout=600, cwd=tmp_path)
+    assert stopped.returncode != 0 and (tmp_path / "fsdp" / "checkpoint" / "engine.json").is_file(), \
+        stopped.stderr[-3000:]
+    assert not (tmp_path / "fsdp" / "result.json").exists()
+    _check(subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path))
+    # FSDP2 reduce-scatters gradients in another order than one process sums them, and Adam's division
+    # by sqrt(v) carries that rounding into later steps: losses agree to 1e-3 (DDP: 1e-4) by step 3
+    assert_same_run(one_process(objective), tmp_path / "fsdp", objective, 2, rel=1e-3)

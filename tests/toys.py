@@ -69,8 +69,9 @@ class _ToyBase(Backbone):
         finally:
             self._in_reference = outer
 
-    def save_trainable(self, directory: Path) -> None:
-        torch.save([p.detach().clone() for p in self.trainable_parameters()], Path(directory) / "toy.pt")
+    def save_trainable(self, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        state = self.trainable_module().state_dict() if state is None else state
+        torch.save([t.detach().clone() for t in state.values()], Path(directory) / "toy.pt")
 
     def load_trainable(self, directory: Path) -> None:
         with torch.no_grad():

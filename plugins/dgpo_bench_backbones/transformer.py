@@ -194,16 +194,24 @@ class TransformerBackbone(Backbone):
     def train(self, mode: bool = True) -> None:
         self.transformer.train(mode)
 
-    def save_trainable(self, directory: Path) -> None:
+    def save_trainable(self, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
         directory = Path(directory)
+        state = self.transformer.state_dict() if state is None else state
         if not self.is_lora:
-            self.transformer.save_pretrained(directory / FULL_DIR, max_shard_size="1000GB")
+            from safetensors.torch import save_file
+
+            folder = directory / FULL_DIR
+            folder.mkdir(parents=True, exist_ok=True)
+            self.transformer.save_config(folder)
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / FULL_FILE),
+                      metadata={"format": "pt"})
             return
         from diffusers.loaders import SD3LoraLoaderMixin
         from peft.utils import get_peft_model_state_dict
 
         layers = {k: v.detach().float().cpu().contiguous()
-                  for k, v in get_peft_model_state_dict(self.transformer, adapter_name="default").items()}
+                  for k, v in get_peft_model_state_dict(self.transformer, state_dict=state,
+                                                        adapter_name="default").items()}
         meta = self.transformer.peft_config["default"].to_dict()
         SD3LoraLoaderMixin.save_lora_weights(directory, transformer_lora_layers=layers,
                                              transformer_lora_adapter_metadata=meta)
