@@ -63,6 +63,11 @@ class EngineContext(TrainContext):
                                       weight_decay=options.weight_decay)
         self.module, self.optimizer = accelerator.prepare(backbone.trainable_module(), optimizer)
         backbone.use_prepared(self.module)
+        reference = backbone.reference_module()
+        if reference is not None and accelerator.is_fsdp2:  # sharded like the policy, as TRL does it
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            fsdp2_prepare_model(accelerator, reference)  # in place
         self.grad_clip = options.grad_clip
 
     @property

@@ -197,6 +197,12 @@ class Backbone(Component):
         a module for sharding replaces its parameters)."""
         raise NotImplementedError
 
+    def reference_module(self) -> torch.nn.Module | None:
+        """The separate frozen copy the reference evaluates with, if the backbone keeps one (full
+        fine-tuning); None where the reference is the trainable module with its adapters disabled.
+        Under FSDP2 the engine shards it in place, for inference only (no optimizer)."""
+        return None
+
     def _reference_weights(self) -> contextlib.AbstractContextManager:
         """Context in which the model computes with its frozen base weights."""
         raise NotImplementedError

@@ -175,6 +175,9 @@ class TransformerBackbone(Backbone):
     def trainable_module(self) -> torch.nn.Module:
         return self.transformer
 
+    def reference_module(self) -> torch.nn.Module | None:
+        return self._frozen
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
