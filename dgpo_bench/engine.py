@@ -18,44 +18,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from .building import backbone_prompts, given_prompts, load_backbone, load_rewards, prompt_source
 from .context import EngineContext, derive_seed, make_accelerator, sample_seeds
-from .contracts import Backbone, LoadContext, Prompt, Reward, RolloutBatch, SampleNoise, SampleOutput
+from .contracts import LoadContext, RolloutBatch, SampleNoise, SampleOutput
 from .ema import WeightEma
 from .sharding import full_tensor, like
 from .errors import MissingWeightsError, SpecError
 from .evaluation import EvalResult, evaluate, score_reward
 from .meters import CostMeter
 from .progress import ProgressReporter
-from .resolve import Resolved, default_prompts_note, prompt_world
+from .resolve import Resolved, default_prompts_note
 from .results import (METRICS_FILE, RESULT_FILE, SPEC_FILE, append_jsonl, environment, replaced_atomically, save_grid,
                       write_json)
 
 CHECKPOINT_DIR = "checkpoint"
-
-
-def load_prompt_file(path: str) -> list[Prompt]:
-    """Prompts from a .jsonl file ({"prompt", "metadata"} per line) or a text file (one per line)."""
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"Prompt file {p} does not exist; check prompts.train / prompts.eval.")
-    lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
-    if p.suffix == ".jsonl":
-        try:
-            rows = [json.loads(ln) for ln in lines]
-            return [Prompt(r["prompt"], r.get("metadata", {})) for r in rows]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise SpecError(f"Prompt file {p} must hold one JSON object with a 'prompt' key per line.") from None
-    return [Prompt(ln.strip()) for ln in lines]
-
-
-def backbone_prompts(backbone: Backbone, split: str) -> list[Prompt]:
-    """The loaded backbone's default prompts for ``split``; refuses a backbone without any."""
-    prompts = backbone.prompts(split)
-    if not prompts:
-        raise SpecError(f"No reward here ships prompts and backbone '{backbone.name}' has no default prompts; add a "
-                        "reward that ships them (e.g. ocr) or, for a run, give prompts.train and prompts.eval files "
-                        "in a --config file.")
-    return prompts
 
 
 class Engine:
@@ -84,25 +60,22 @@ class Engine:
         drive single rollouts call it themselves)."""
         r, spec = self.r, self.spec
         torch.manual_seed(spec.seed)
-        self.reward_objs: dict[str, Reward] = {}
-        for (cls, opts, _), ref in zip(r.rewards, spec.rewards):
-            self.reward_objs[ref.name] = cls(opts)
+        ctx = LoadContext(device=self.acc.device, world=r.world, seed=spec.seed)
+        self.reward_objs = load_rewards([(ref.name, cls, opts) for (cls, opts, _), ref in zip(r.rewards, spec.rewards)]
+                                        + [(ref.name, cls, opts) for (cls, opts), ref in
+                                           zip(r.eval_rewards, spec.eval.rewards)], ctx)
         self.weights = {ref.name: w for (_, _, w), ref in zip(r.rewards, spec.rewards)}
-        self.eval_names = list(self.reward_objs)
-        for (cls, opts), ref in zip(r.eval_rewards, spec.eval.rewards):
-            if ref.name not in self.reward_objs:
-                self.reward_objs[ref.name] = cls(opts)
-                self.eval_names.append(ref.name)
-        for reward in self.reward_objs.values():
-            reward.load(LoadContext(device=self.acc.device, world=r.world, seed=spec.seed))
-        source = self._check_loaded_rewards()
-        prompt_sets = {split: self._prompt_set(split, source) for split in ("train", "eval")}
+        source = prompt_source(self.reward_objs, list(self.weights))
+        self._check_groupwise()
+        self.eval_names = [n for n, rw in self.reward_objs.items() if not rw.groupwise]
+        unfilled = [split for split in ("train", "eval") if getattr(spec.prompts, split) is None]
+        if source is None and unfilled and any(type(rw).declared_at_load for rw in self.reward_objs.values()):
+            self.notes.append(default_prompts_note(spec.backbone.name, unfilled))
+            self.progress.log(f"[dim]{self.notes[-1]}")
+        prompt_sets = {split: given_prompts(split, getattr(spec.prompts, split), source) for split in ("train", "eval")}
 
-        b_cls, b_opts = r.backbone
-        self.backbone = b_cls(b_opts)
+        self.backbone = load_backbone(*r.backbone, ctx, source)
         self.backbone.meter = self.meter
-        world = source.world if source else None
-        self.backbone.load(LoadContext(device=self.acc.device, world=world, seed=spec.seed))
         self.train_prompts, eval_all = (backbone_prompts(self.backbone, split) if got is None else got
                                         for split, got in prompt_sets.items())
         if len(eval_all) < spec.eval.prompts:
@@ -120,31 +93,14 @@ class Engine:
         self.objective.setup(self.ctx)
         self.eval_ema = WeightEma(self.backbone.trainable_parameters()) if spec.eval.ema else None
 
-    def _check_loaded_rewards(self) -> Reward | None:
-        """World and group-wise checks on the loaded rewards (a remote one learns these from its
-        server); returns the first reward with a prompt world, the run's prompt source."""
-        objs, spec = self.reward_objs, self.spec
-        prompt_world([(n, objs[n].world) for n in self.weights],
-                     [(n, objs[n].world) for n in self.eval_names if n not in self.weights])
+    def _check_groupwise(self) -> None:
+        """Group-wise training rewards (declared, or learnt from a server at load) need whole groups."""
+        spec = self.spec
         shuffled = spec.updates_per_rollout > 1 and self.r.objective[0].shuffle_updates
-        if any(objs[n].groupwise for n in self.weights) and (self.local % spec.group_size or shuffled):
+        if any(self.reward_objs[n].groupwise for n in self.weights) and (self.local % spec.group_size or shuffled):
             raise SpecError("Group-wise rewards need whole groups on every process (and objectives that deal a "
                             "rollout's samples at random into several updates cannot give them); make group_size x "
                             "prompts_per_step / (updates_per_rollout x processes) a multiple of group_size.")
-        self.eval_names = [n for n in self.eval_names if not objs[n].groupwise]
-        source = next((rw for rw in objs.values() if rw.world is not None), None)
-        unfilled = [split for split in ("train", "eval") if getattr(spec.prompts, split) is None]
-        if source is None and unfilled and any(type(rw).declared_at_load for rw in objs.values()):
-            self.notes.append(default_prompts_note(spec.backbone.name, unfilled))
-            self.progress.log(f"[dim]{self.notes[-1]}")
-        return source
-
-    def _prompt_set(self, split: str, source: Reward | None) -> list[Prompt] | None:
-        """Prompts of ``split`` from its file or the source reward; None: the backbone's defaults."""
-        path = getattr(self.spec.prompts, split)
-        if path:
-            return load_prompt_file(path)
-        return None if source is None else source.prompts(split)
 
     # ------------------------------------------------------------------ steps
     def _step_prompts(self, step: int) -> list[int]:

@@ -7,14 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from .building import backbone_prompts, given_prompts, load_backbone, load_rewards, prompt_source
 from .contracts import Backbone, LoadContext, Prompt, Reward, Sampler
-from .engine import backbone_prompts
+from .context import make_accelerator
 from .errors import SpecError
 from .plugins import Components
 from .progress import ProgressReporter
-from .resolve import default_prompts_note, prompt_world
+from .resolve import default_prompts_note
 from .results import SPEC_FILE
 from .spec import apply_option_overrides
 
@@ -32,8 +31,6 @@ class EvalSession:
 def build_for_eval(comps: Components, run_dir: Path | None, backbone: str | None, rewards: list[dict[str, Any]],
                    sampler: str | None, n_prompts: int | None, overrides: list[str]) -> EvalSession:
     """Backbone (with a run's trained weights if given), eval sampler, rewards and prompts."""
-    from accelerate import Accelerator
-
     data: dict[str, Any] = {"backbone": {"name": backbone or "nano"}, "rewards": rewards,
                             "eval": {"sampler": {"name": sampler or "ode-euler"}, "prompts": n_prompts or 256}}
     if run_dir is not None:
@@ -54,19 +51,16 @@ def build_for_eval(comps: Components, run_dir: Path | None, backbone: str | None
     if not data["rewards"]:
         raise SpecError("No reward to score; pass --reward NAME (e.g. --reward ocr).")
     data = apply_option_overrides(data, overrides)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    reward_objs = {ref["name"]: comps.rewards.get(ref["name"])(ref.get("options")) for ref in data["rewards"]}
-    for r in reward_objs.values():
-        r.load(LoadContext(device=acc.device))
-    # worlds are read from the loaded rewards: a remote one learns its world from its server
-    prompt_world([(name, r.world) for name, r in reward_objs.items()], [])
-    source = next((r for r in reward_objs.values() if r.world is not None), None)
+    acc = make_accelerator()
+    ctx = LoadContext(device=acc.device)
+    reward_objs = load_rewards([(ref["name"], comps.rewards.get(ref["name"]), ref.get("options"))
+                                for ref in data["rewards"]], ctx)
+    source = prompt_source(reward_objs, list(reward_objs))
     progress = ProgressReporter()
     b_cls = comps.backbones.get(data["backbone"]["name"])
-    bb = b_cls(data["backbone"].get("options"))
     s_cls = comps.samplers.get(data["eval"]["sampler"]["name"])
     smp = s_cls(data["eval"]["sampler"].get("options"))
-    bb.load(LoadContext(device=acc.device, world=source.world if source else None))
+    bb = load_backbone(b_cls, data["backbone"].get("options"), ctx, source)
     if run_dir is not None:
         weights = Path(run_dir) / "weights"
         if not weights.is_dir():
@@ -74,7 +68,8 @@ def build_for_eval(comps: Components, run_dir: Path | None, backbone: str | None
         bb.load_trainable(weights)
     if source is None:
         progress.log(f"[dim]{default_prompts_note(bb.name, ['eval'])}")
-    prompts = source.prompts("eval") if source else backbone_prompts(bb, "eval")
+    prompts = given_prompts("eval", None, source)
+    prompts = backbone_prompts(bb, "eval") if prompts is None else prompts
     return EvalSession(bb, smp, reward_objs, prompts[: data["eval"]["prompts"]], acc, progress)
 
 
