@@ -207,3 +207,27 @@ def check_backbone_training(backbone: Backbone, latents: torch.Tensor, sigmas: t
         _require(not ref.requires_grad, "The reference velocity must not carry a gradient under torch.no_grad.")
     finally:
         backbone.use_prepared(previous)
+
+
+def force_fsdp2_on_cpu() -> None:
+    """Make accelerate take its own FSDP2 path in this CPU process (call it before anything builds an
+    Accelerator); for tests and ``--tiny`` benchmarks of sharded code on machines without a GPU.
+
+    accelerate 1.15 maps a multi-process CPU run to MULTI_CPU (DDP) even with an FSDP plugin, though
+    torch's ``fully_shard`` runs on CPU under gloo. This builds the FSDP plugin from the ``FSDP_*``
+    variables that ``accelerate launch --config_file`` sets (FSDP2 by default) and sets the distributed
+    type to FSDP on both of accelerate's shared states; ``accelerator.prepare`` then shards with
+    ``fully_shard`` as it does on GPUs.
+    """
+    import os
+
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    os.environ.setdefault("FSDP_VERSION", "2")
+    plugin = FullyShardedDataParallelPlugin()
+    Accelerator(cpu=True, fsdp_plugin=plugin)
+    PartialState().distributed_type = DistributedType.FSDP
+    AcceleratorState().distributed_type = DistributedType.FSDP
+    AcceleratorState().fsdp_plugin = plugin
