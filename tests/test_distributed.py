@@ -152,3 +152,24 @@ def test_fsdp2_two_processes_match_one_and_resume_exactly(objective, one_process
     # FSDP2 reduce-scatters gradients in another order than one process sums them, and Adam's division
     # by sqrt(v) carries that rounding into later steps: losses agree to 1e-3 (DDP: 1e-4) by step 3
     assert_same_run(one_process(objective), tmp_path / "fsdp", objective, 2, rel=1e-3)
+
+
+@needs_launcher
+def test_fsdp2_with_lora_matches_one_process(tmp_path):
+    """LoRA under FSDP2 (the reference is the sharded transformer with its adapters disabled): the exported
+    diffusers LoRA file of 2 sharded processes matches one process's."""
+    lora = ["-o", "nano.lora_rank=4"]
+    one = tmp_path / "one"
+    _check(subprocess.run([str(BIN / "dgpo-bench"), *_run_args("dgpo", tmp_path, one), *lora], capture_output=True,
+                          text=True, env=_env(), timeout=600, cwd=tmp_path))
+    config = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "fsdp2_8gpu.yaml"
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2", *LAUNCH,
+           "--main_process_port", str(_free_port()), str(Path(__file__).with_name("fsdp2_launch.py")),
+           *_run_args("dgpo", tmp_path, tmp_path / "fsdp"), *lora]
+    _check(subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path))
+    a, b = (load_file(str(d / "weights" / "pytorch_lora_weights.safetensors")) for d in (one, tmp_path / "fsdp"))
+    assert a.keys() == b.keys() and any(".lora_B." in k for k in a)
+    step = max(a[k].abs().max() for k in a if ".lora_B." in k)  # B starts at zero: its size is the training
+    assert step > 0 and max((a[k] - b[k]).abs().max() for k in a) <= 0.05 * step
+    r1, r2 = (json.loads((d / "result.json").read_text()) for d in (one, tmp_path / "fsdp"))
+    assert r1["cost"]["nfe"] == r2["cost"]["nfe"] and r1["tuned"]["ocr"] == pytest.approx(r2["tuned"]["ocr"], abs=1e-6)
