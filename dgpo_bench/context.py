@@ -37,9 +37,13 @@ def make_accelerator():
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
-    acc = Accelerator(cpu=not torch.cuda.is_available(),
-                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True,
-                                                                      broadcast_buffers=False)])
+    try:
+        acc = Accelerator(cpu=not torch.cuda.is_available(),
+                          kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True,
+                                                                          broadcast_buffers=False)])
+    except ImportError as exc:  # the accelerate config names a package that is not installed
+        raise SpecError(f"The accelerate configuration needs a package that is not installed ({exc}); install it "
+                        "or launch with another configuration.") from None
     if acc.distributed_type == DistributedType.DEEPSPEED:
         raise SpecError("DeepSpeed runs are not supported yet (accelerate's DeepSpeed engine steps at every backward "
                         "pass of an update); launch with DDP (accelerate launch --multi_gpu) or FSDP2 (--use_fsdp "

@@ -55,6 +55,21 @@ def test_fp16_on_a_cpu_is_one_sentence_and_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is not None, reason="deepspeed is installed")
+def test_an_accelerate_config_whose_package_is_missing_is_one_sentence_and_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # what accelerate launch sets for a DeepSpeed config
+    env = dict(os.environ, ACCELERATE_USE_DEEPSPEED="true", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([str(Path(sys.executable).parent / "dgpo-bench"), "run", "--steps", "1", "--eval-prompts", "1",
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "needs a package that is not installed" in " ".join(proc.stderr.split())
+    assert "DeepSpeed" in proc.stderr and "Traceback" not in proc.stderr and proc.stdout == ""
+
+
 def test_debug_shows_the_traceback(capsys):
     from dgpo_bench.errors import UnknownComponentError
 
