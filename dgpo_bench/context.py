@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -32,26 +33,44 @@ def make_accelerator():
     an MM-DiT's last block, whose context output is discarded), and not to broadcast buffers
     at each forward: they are constants here (positional embeddings), and a broadcast would
     make every forward a collective, hanging wherever processes evaluate different numbers
-    of batches (an uneven split of the held-out prompts).
+    of batches (an uneven split of the held-out prompts). DeepSpeed on a CPU runs under gloo
+    (accelerate names no backend for it there, and would count one process per rank).
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
+    cpu = not torch.cuda.is_available()
+    if cpu:  # DeepSpeed, imported by accelerate and transformers where installed, would log its guess on stdout
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)]
+    if cpu and deepspeed:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     try:
-        acc = Accelerator(cpu=not torch.cuda.is_available(),
-                          kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True,
-                                                                          broadcast_buffers=False)])
+        acc = Accelerator(cpu=cpu and not deepspeed, kwargs_handlers=handlers)
     except ImportError as exc:  # the accelerate config names a package that is not installed
         raise SpecError(f"The accelerate configuration needs a package that is not installed ({exc}); install it "
                         "or launch with another configuration.") from None
     if acc.distributed_type == DistributedType.DEEPSPEED:
-        raise SpecError("DeepSpeed runs are not supported yet (accelerate's DeepSpeed engine steps at every backward "
-                        "pass of an update); launch with DDP (accelerate launch --multi_gpu) or FSDP2 (--use_fsdp "
-                        "--fsdp_version 2) instead.")
+        _check_deepspeed(acc.state.deepspeed_plugin.deepspeed_config)
     if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
         raise SpecError("mixed_precision fp16 needs a GPU (its loss scaler runs on CUDA); on a CPU use bf16 or no "
                         "in the accelerate config or --mixed_precision.")
     return acc
+
+
+def _check_deepspeed(config: dict) -> None:
+    """Refuse DeepSpeed settings the engine cannot honour; fill the batch size it never uses."""
+    stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    if stage > 2:
+        raise SpecError(f"DeepSpeed ZeRO stage {stage} shards the parameters, which the reference, EMA and "
+                        "export paths do not gather; use ZeRO stage 2 (configs/accelerate/zero2_8gpu.yaml) or FSDP2.")
+    if config.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
+        raise SpecError(f"DeepSpeed's gradient_accumulation_steps is {config['gradient_accumulation_steps']}, but "
+                        "the objective sets the passes of each update; set it to 1 in the DeepSpeed config.")
+    config["gradient_accumulation_steps"] = 1
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":  # needed without a dataloader; unused
+        config["train_micro_batch_size_per_gpu"] = 1
 
 
 class EngineContext(TrainContext):
@@ -60,11 +79,16 @@ class EngineContext(TrainContext):
 
     def __init__(self, backbone: Backbone, sampler: Sampler, accelerator, options: OptimizerOptions,
                  seed: int, group_size: int, num_groups: int):
+        from accelerate.utils import DistributedType
+
         self.backbone, self.sampler, self.accelerator = backbone, sampler, accelerator
         self.seed, self.group_size, self.num_groups = seed, group_size, num_groups
         self.step = 0
         optimizer = torch.optim.AdamW(backbone.trainable_parameters(), lr=options.lr, betas=tuple(options.betas),
                                       weight_decay=options.weight_decay)
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed:  # DeepSpeed clips inside its own step
+            _set_deepspeed_clipping(accelerator.state.deepspeed_plugin.deepspeed_config, options.grad_clip)
         self.module, self.optimizer = accelerator.prepare(backbone.trainable_module(), optimizer)
         backbone.use_prepared(self.module)
         reference = backbone.reference_module()
@@ -79,8 +103,14 @@ class EngineContext(TrainContext):
         return self.backbone.trainable_parameters()
 
     def optimizer_state(self) -> dict:
-        """The optimizer's state with whole tensors (gathered under FSDP2, where every process calls it
-        and the main one receives it)."""
+        """The optimizer's state, which every process calls and the main one receives: whole tensors
+        (gathered under FSDP2), or under DeepSpeed each process's ZeRO partition, in rank order."""
+        if self.deepspeed:
+            import torch.distributed as dist
+
+            parts = [None] * self.num_processes if self.accelerator.is_main_process else None
+            dist.gather_object(self.optimizer.optimizer.state_dict(), parts, dst=0)
+            return {"deepspeed_partitions": parts}
         if not self.accelerator.is_fsdp2:
             return self.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -89,7 +119,19 @@ class EngineContext(TrainContext):
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_optimizer_state(self, state: dict) -> None:
-        """Load what ``optimizer_state`` returned (sharded again under FSDP2)."""
+        """Load what ``optimizer_state`` returned (sharded again under FSDP2; under DeepSpeed each process
+        takes its partition, with its fp32 master weights, so the world size must be the same)."""
+        if self.deepspeed:
+            parts = state.get("deepspeed_partitions") if isinstance(state, dict) else None
+            if not parts or len(parts) != self.num_processes:
+                raise SpecError(f"This checkpoint's optimizer state was not written by DeepSpeed on "
+                                f"{self.num_processes} processes; resume it with the launch configuration that "
+                                "wrote it.")
+            self.optimizer.optimizer.load_state_dict(parts, load_optimizer_states=True, load_from_fp32_weights=True)
+            return
+        if "deepspeed_partitions" in state:
+            raise SpecError("This checkpoint's optimizer state is DeepSpeed's ZeRO partitions; resume it under the "
+                            "DeepSpeed launch configuration that wrote it.")
         if not self.accelerator.is_fsdp2:
             self.optimizer.load_state_dict(state)
             return
@@ -97,6 +139,17 @@ class EngineContext(TrainContext):
 
         set_optimizer_state_dict(self.module, self.optimizer.optimizer, state,
                                  options=StateDictOptions(full_state_dict=True))
+
+    def checkpoint_globals(self) -> list[type]:
+        """The classes a checkpoint's optimizer state may hold besides tensors and containers (DeepSpeed's
+        ZeRO state pickles its loss scaler, stage and fragment addresses), allowed when it is read."""
+        if not self.deepspeed:
+            return []
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        return [LossScaler, ZeroStageEnum, fragment_address]
 
     def rng(self, *keys: int | str) -> torch.Generator:
         return torch.Generator("cpu").manual_seed(derive_seed(self.seed, "objective", self.step, *keys))
@@ -131,7 +184,7 @@ class EngineContext(TrainContext):
         losses = iter(plan.losses)
         for i in range(plan.passes):
             last = i == plan.passes - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.module):
+            with contextlib.nullcontext() if last else self._accumulating():
                 loss = next(losses, None)
                 if loss is None:
                     raise ObjectiveContractError(f"Objective '{name}' planned {plan.passes} passes but yielded {i}; "
@@ -149,6 +202,21 @@ class EngineContext(TrainContext):
                                          f"diagnostics, not {type(out).__name__}.")
         out.metrics["grad_norm"] = self._apply_gradients()
         return out
+
+    @contextlib.contextmanager
+    def _accumulating(self):
+        """Backward passes here keep their gradients local; under DeepSpeed (whose ``no_sync`` does nothing
+        at ZeRO stage 2) they are marked as not ending the update, so its engine neither reduces nor steps."""
+        if not self.deepspeed:
+            with self.accelerator.no_sync(self.module):
+                yield
+            return
+        state = self.accelerator.gradient_state
+        state._set_sync_gradients(False)
+        try:
+            yield
+        finally:
+            state._set_sync_gradients(True)
 
     def _check_passes(self, name: str, passes: int) -> None:
         counts = self.gather(torch.tensor([int(passes)], device=self.accelerator.device)).tolist()
@@ -172,7 +240,8 @@ class EngineContext(TrainContext):
         self.accelerator.backward(loss * self.num_processes)
 
     def _apply_gradients(self) -> float:
-        """Clip (after unscaling fp16 gradients), step the prepared optimizer and zero; the grad norm."""
+        """Clip (after unscaling fp16 gradients), step the prepared optimizer and zero; the grad norm (before
+        clipping). DeepSpeed has already clipped and stepped in the last backward; this reads its norm."""
         norm = self.accelerator.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else math.inf)
         norm = float(norm) if norm is not None else float("nan")
         if not math.isfinite(norm) and self.accelerator.scaler is None:
@@ -182,6 +251,17 @@ class EngineContext(TrainContext):
         self.optimizer.zero_grad(set_to_none=True)
         self.backbone.meter.optimizer_steps += 1
         return norm
+
+
+def _set_deepspeed_clipping(config: dict, grad_clip: float) -> None:
+    """Give DeepSpeed the objective's clip norm, or refuse a config that sets another."""
+    value = config.get("gradient_clipping", "auto")
+    if value == "auto":
+        config["gradient_clipping"] = grad_clip
+    elif float(value) != grad_clip:
+        raise SpecError(f"The DeepSpeed config clips gradients at {value} but the objective's grad_clip is "
+                        f"{grad_clip}; remove gradient_clipping from the DeepSpeed config (the engine sets it) or "
+                        f"set the objective's grad_clip to {value} (-o OBJECTIVE.grad_clip={value}).")
 
 
 def sample_seeds(seed: int, step: int, indices: Sequence[int], purpose: str = "rollout") -> list[int]:

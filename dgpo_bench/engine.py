@@ -270,7 +270,8 @@ class Engine:
 
         try:
             params = load_file(str(ck / "trainable.safetensors"))
-            state = torch.load(ck / "state.pt", weights_only=True, map_location="cpu")
+            with torch.serialization.safe_globals(self.ctx.checkpoint_globals()):
+                state = torch.load(ck / "state.pt", weights_only=True, map_location="cpu")
             info = json.loads((ck / "engine.json").read_text())
         except Exception as exc:
             raise MissingWeightsError(f"The checkpoint in {ck} is corrupt ({type(exc).__name__}); delete that "

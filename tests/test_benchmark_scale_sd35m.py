@@ -1,4 +1,4 @@
-"""The scale benchmark's CPU paths: the refusal without CUDA and a --tiny run of DDP and FSDP2 on 2 processes."""
+"""The scale benchmark's CPU paths: the refusal without CUDA and a --tiny run of DDP, FSDP2 and ZeRO-2 on 2 processes."""
 
 import json
 import shutil
@@ -20,13 +20,13 @@ def test_refuses_without_cuda(capsys):
 
 @pytest.mark.skipif(shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None,
                     reason="accelerate CLI not installed")
-def test_tiny_run_measures_ddp_and_fsdp2_on_two_processes(tmp_path, capsys):
+def test_tiny_run_measures_ddp_fsdp2_and_zero2_on_two_processes(tmp_path):
     out = tmp_path / "scale.json"
     assert load_benchmark("scale_sd35m").main(["--tiny", "--steps", "2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["ddp"]["distributed_type"] == "DistributedType.MULTI_CPU"
     assert report["fsdp2"]["distributed_type"] == "DistributedType.FSDP"
+    assert report["zero2"]["distributed_type"] == "DistributedType.DEEPSPEED"
     for r in report.values():
         assert r["processes"] == 2 and len(r["step_seconds"]) == 2 and all(s > 0 for s in r["step_seconds"])
         assert r["peak_gib_max"] > 0 and r["trainable_params"] == report["ddp"]["trainable_params"]
-    assert "zero2  not measured" in capsys.readouterr().out

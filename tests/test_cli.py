@@ -55,19 +55,36 @@ def test_fp16_on_a_cpu_is_one_sentence_and_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is not None, reason="deepspeed is installed")
-def test_an_accelerate_config_whose_package_is_missing_is_one_sentence_and_exit_2(tmp_path):
+def _run_with_env(tmp_path, **env):
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    # what accelerate launch sets for a DeepSpeed config
-    env = dict(os.environ, ACCELERATE_USE_DEEPSPEED="true", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([str(Path(sys.executable).parent / "dgpo-bench"), "run", "--steps", "1", "--eval-prompts", "1",
-                           "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([str(Path(sys.executable).parent / "dgpo-bench"), "run", "--steps", "1", "--eval-prompts",
+                           "1", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
+
+
+def test_an_accelerate_config_whose_package_is_missing_is_one_sentence_and_exit_2(tmp_path):
+    proc = _run_with_env(tmp_path, ACCELERATE_USE_MEGATRON_LM="true")  # what launch sets for a Megatron-LM config
     assert proc.returncode == 2 and "needs a package that is not installed" in " ".join(proc.stderr.split())
-    assert "DeepSpeed" in proc.stderr and "Traceback" not in proc.stderr and proc.stdout == ""
+    assert "Megatron" in proc.stderr and "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+@pytest.mark.parametrize("env, needle", [
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO stage 3 shards the parameters"),
+    ({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, "gradient_accumulation_steps is 4"),
+    ({"ACCELERATE_GRADIENT_CLIPPING": "0.5"}, "clips gradients at 0.5 but the objective's grad_clip is 1.0"),
+])
+def test_deepspeed_settings_the_engine_cannot_honour_are_one_sentence_and_exit_2(tmp_path, env, needle):
+    # what accelerate launch --use_deepspeed sets, for one process
+    launch = dict(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="2", RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", CUDA_VISIBLE_DEVICES="")
+    proc = _run_with_env(tmp_path, **{**launch, **env})
+    assert proc.returncode == 2 and needle in " ".join(proc.stderr.split()), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout  # DeepSpeed logs its accelerator on stdout
 
 
 def test_debug_shows_the_traceback(capsys):

