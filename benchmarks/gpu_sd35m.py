@@ -17,12 +17,18 @@ and model FLOP utilisation (on CPU the counter misses attention). Values of the 
 are synthetic; timings do not depend on them.
 
     python benchmarks/gpu_sd35m.py                  # one CUDA GPU, < 10 minutes on an H100
+    python benchmarks/gpu_sd35m.py --compile --attention flash --micro-batch 16
     python benchmarks/gpu_sd35m.py --tiny           # reduced config on CPU: exercises every code path
+
+``--compile`` compiles the denoiser (the backbone's ``compile=on``; the warm-up compiles every
+batch shape the workloads use and is reported apart, as ``compile_seconds``); ``--attention``
+pins scaled-dot-product attention to one kernel (flash, memory-efficient, cuDNN or math).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -34,6 +40,7 @@ import torch
 
 from dgpo_bench.context import EngineContext
 from dgpo_bench.contracts import Conditioning, LoadContext, OptimizerOptions, StepOutput, Update
+from dgpo_bench.meters import compile_seconds
 from dgpo_bench_backbones.transformer import TransformerBackbone
 
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
@@ -48,6 +55,8 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H20
 VAE_FACTOR, SHIFT, GUIDANCE, ROLLOUT_STEPS = 8, 3.0, 4.5, 10
 DGPO = dict(beta_dpo=100.0, beta_kl=0.02, clip=1e-2, timesteps=4, trunc_steps=6)
 GRPO = dict(beta_kl=0.04, clip=1e-4, noise_level=0.7, trained_steps=9)
+ATTENTION = {"default": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+             "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 
 
 class RandomMMDiT(TransformerBackbone):
@@ -244,6 +253,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, help="default 64; tiny 4")
     p.add_argument("--resolution", type=int, help="pixels (default 512; tiny 64)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoiser (inductor)")
+    p.add_argument("--attention", choices=sorted(ATTENTION), default="default",
+                   help="the scaled-dot-product attention kernel (default: torch's choice)")
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU (else by name)")
     p.add_argument("--max-seconds", type=float, default=540.0, help="skip workloads predicted to end later")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -271,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_sd35m.py needs a CUDA GPU; run it on one, or pass --tiny for a reduced CPU run of the same "
               "code paths.", file=sys.stderr)
         return 2
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = ATTENTION[args.attention]
+    with sdpa_kernel(getattr(SDPBackend, kernel)) if kernel else contextlib.nullcontext():
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     from diffusers.utils import logging as diffusers_logging
 
@@ -280,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # the tiny model is all overhead; more threads only contend
     bb = RandomMMDiT(TINY if args.tiny else SD35_MEDIUM, 16 if args.tiny else 77 + 128, args.resolution,
                      {"dtype": "fp32" if args.tiny else "bf16", "lora_rank": args.lora_rank,
-                      "lora_alpha": 2 * args.lora_rank, "gradient_checkpointing": args.gradient_checkpointing})
+                      "lora_alpha": 2 * args.lora_rank, "gradient_checkpointing": args.gradient_checkpointing,
+                      "compile": "on" if args.compile else "off"})
     bb.load(LoadContext(device=device))
     bb.train()
     peak = peak_tflops(device, args.peak_tflops)
@@ -293,24 +314,38 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "dtype": bb.options.dtype, "config": "tiny" if args.tiny else "sd3.5-medium",
         "params": n_params - n_lora, "lora_params": n_lora, "lora_rank": args.lora_rank,
         "resolution": args.resolution, "image_tokens": tokens, "text_tokens": bb.text_tokens,
-        "gradient_checkpointing": args.gradient_checkpointing, "peak_tflops": peak, "workloads": {},
+        "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile, "attention": args.attention,
+        "peak_tflops": peak, "workloads": {},
     }
     print(f"{report['device']} | torch {torch.__version__} | {bb.options.dtype} | {report['config']} MM-DiT "
           f"{(n_params - n_lora) / 1e9:.4g}B params (random) + LoRA r{args.lora_rank} {n_lora / 1e6:.4g}M | "
           f"{args.resolution} px = {tokens} image + {bb.text_tokens} text tokens")
 
     cond_all = bb.encode_prompts([f"prompt {i}" for i in range(max(args.prompts, args.rollout_images))])
-    fwd, fwd_bwd = flops_per_sample(bb, cond_all)
+    with torch.compiler.set_stance("force_eager"):  # counted eagerly; a compiled denoiser compiles below
+        fwd, fwd_bwd = flops_per_sample(bb, cond_all)
     report.update(fwd_flops_per_sample=fwd, fwd_bwd_flops_per_sample=fwd_bwd)
     print(f"FLOPs per sample: forward {fwd / 1e12:.4g} TFLOP, forward+backward (LoRA) {fwd_bwd / 1e12:.4g} TFLOP")
 
     gen = torch.Generator().manual_seed(0)
-    warm = torch.randn(args.rollout_batch, C, H, W, generator=gen).to(device)
-    with torch.no_grad():  # warm-up: kernels, allocator
-        bb.velocity(warm, 0.5, cond_all.select(slice(0, args.rollout_batch)), guidance_scale=GUIDANCE)
-    bb.velocity(warm[: args.micro_batch], 0.5, cond_all.select(slice(0, args.micro_batch))).square().mean().backward()
+    warm = torch.randn(max(args.rollout_batch, args.micro_batch), C, H, W, generator=gen).to(device)
+    compiled_before = compile_seconds()
+    mb = slice(0, args.micro_batch)
+    with torch.no_grad():  # warm-up: kernels, allocator, and every shape a compiled denoiser meets below
+        bb.velocity(warm[: args.rollout_batch], 0.5, cond_all.select(slice(0, args.rollout_batch)),
+                    guidance_scale=GUIDANCE)
+        bb.velocity(warm[mb], 0.5, cond_all.select(mb))
+        bb.velocity(warm[mb], 0.5, cond_all.select(mb), guidance_scale=GUIDANCE)
+        with bb.reference():
+            bb.velocity(warm[mb], 0.5, cond_all.select(mb))
+            bb.velocity(warm[mb], 0.5, cond_all.select(mb), guidance_scale=GUIDANCE)
+    for g in (1.0, GUIDANCE):
+        bb.velocity(warm[mb], 0.5, cond_all.select(mb), guidance_scale=g).square().mean().backward()
     for p in bb.trainable_parameters():
         p.grad = None
+    report["compile_seconds"] = round(compile_seconds() - compiled_before, 1)
+    if args.compile:
+        print(f"compiled in {report['compile_seconds']} s (warm-up, not in the figures below)")
     rate = None  # achieved FLOP/s of the rollout, to predict the other workloads
 
     def record(name: str, flops: float, seconds: float, mem: float | None, **extra) -> None:

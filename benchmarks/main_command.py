@@ -42,7 +42,7 @@ def main() -> None:
     print(f"CPU (user+sys)  {cpu:8.1f} s   ({cpu / max(wall, 1e-9):.2f} cores busy on average)")
     print(f"peak RSS        {peak_mb:8.0f} MiB")
     print(f"steps {result['steps']}, images {result['cost']['images']}, train {result['cost']['train_seconds']:.1f} s, "
-          f"eval {result['cost']['seconds']['eval']:.1f} s")
+          f"eval {result['cost']['seconds']['eval']:.1f} s, compile {result['cost']['seconds'].get('compile', 0):.1f} s")
     for name, base in result["base"].items():
         print(f"held-out {name}: base {base:.4f} -> tuned {result['tuned'][name]:.4f}")
 

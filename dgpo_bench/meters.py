@@ -11,8 +11,17 @@ from typing import Iterator
 
 import torch
 
-PHASES = ("rollout", "reward", "train", "eval")
+PHASES = ("rollout", "reward", "train", "eval", "compile")
+UNCHARGED = ("eval", "compile")
+"""Phases that no method's training budget pays: evaluation, and torch.compile's warm-up."""
 ROLES = ("policy", "reference", "ema")
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent compiling in this process (frames and backward graphs)."""
+    utils = sys.modules.get("torch._dynamo.utils")  # never imported: nothing was compiled
+    spent = getattr(utils, "cumulative_time_spent_ns", None) or {}
+    return (spent.get("entire_frame_compile", 0) + spent.get("entire_backward_compile", 0)) / 1e9
 
 
 def peak_rss_mb() -> float:
@@ -26,7 +35,8 @@ class CostMeter:
 
     ``nfe`` counts single-sample forward passes of the denoiser by weight role
     (a CFG evaluation of one sample counts two). Eval-phase costs are kept apart
-    from training costs so budgets and time-to-target use training spend only.
+    from training costs so budgets and time-to-target use training spend only; the
+    seconds torch.compile spends compiling inside any phase move to the 'compile' phase.
     """
 
     def __init__(self) -> None:
@@ -38,6 +48,7 @@ class CostMeter:
         self.optimizer_steps = 0
         self._phase: str | None = None
         self._start = time.perf_counter()
+        self._compiled = compile_seconds()
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -46,7 +57,11 @@ class CostMeter:
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            now = compile_seconds()
+            compiling, self._compiled = min(now - self._compiled, elapsed), now
+            self.seconds[name] += elapsed - compiling
+            self.seconds["compile"] += compiling
             self._phase = outer
 
     @property
@@ -62,8 +77,8 @@ class CostMeter:
 
     @property
     def train_seconds(self) -> float:
-        """Wall-clock spent on everything but evaluation."""
-        return sum(v for k, v in self.seconds.items() if k != "eval")
+        """Wall-clock spent on everything but evaluation and compilation."""
+        return sum(v for k, v in self.seconds.items() if k not in UNCHARGED)
 
     def restore(self, snap: dict) -> None:
         """Continue counting from a ``snapshot`` (resume after a checkpoint)."""

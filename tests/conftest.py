@@ -11,6 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Small models on a shared 2-core machine: one thread per process avoids oversubscription
 # (subprocesses started by tests inherit it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# nano compiles its denoiser by default, tens of seconds per model shape; the suite runs it eager
+# (torch's own switch, inherited by subprocesses) and tests/test_compile.py turns compilation back on.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -36,3 +36,19 @@ def test_tiny_run_counts_the_passes_each_objective_needs(tmp_path):
     assert w["dgpo G=2"]["nfe"] == {"policy": 2 * n * m, "reference": n * m, "ema": n * m}
     assert w["flow-grpo G=2"]["nfe"] == {"policy": 2 * n * k, "reference": 2 * n * k, "ema": 0}
     assert all(row["seconds"] > 0 and row["flops"] > 0 for row in w.values())
+
+
+@pytest.mark.slow  # compiling every shape the workloads use takes about 3 minutes on 2 cores
+def test_tiny_run_compiled_with_a_pinned_attention_kernel(tmp_path, monkeypatch):
+    import torch._dynamo
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")  # the suite runs eager (conftest.py)
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)
+    torch._dynamo.reset()
+    out = tmp_path / "figures.json"
+    args = ["--tiny", "--groups", "2", "--rollout-images", "2", "--compile", "--attention", "math", "--json", str(out)]
+    assert load_script().main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["compile"] is True and report["attention"] == "math" and report["compile_seconds"] > 0
+    assert all(row["seconds"] > 0 for row in report["workloads"].values())
+    torch._dynamo.reset()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import shutil
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
@@ -25,6 +27,7 @@ from pydantic import Field
 from dgpo_bench.contracts import Backbone, Conditioning, Options, Prompt
 from dgpo_bench.errors import InvalidOptionsError
 from dgpo_bench.results import cpu_info
+from dgpo_bench.sharding import is_sharded
 
 from .checkpoints import CorruptWeightsError, corrupt, misfit, require_files
 
@@ -54,6 +57,11 @@ class TransformerOptions(Options):
     autocast: Literal["auto", "on", "off"] = "off"
     """bf16 autocast of the denoiser's forward (weights and losses stay in their dtype);
     'auto' turns it on for CUDA and for CPUs with native bf16 (AVX512-BF16 or AMX)."""
+    compile: Literal["auto", "on", "off"] = "off"
+    """torch.compile (inductor) of the denoiser, for rollouts, training and evaluation; its warm-up
+    is charged to the run's 'compile' phase. 'auto' compiles where autocast's 'auto' computes in
+    bf16 (CUDA, CPUs with native bf16). Without inductor's C++ compiler (CPU) or Triton (GPU), and
+    under FSDP2, the run warns in one line and stays eager."""
     prompt_cache: int = Field(65536, ge=0)
     """How many encoded training prompts to keep (least recently used are dropped). Prompts encoded
     during evaluation are kept besides them for the whole run, never dropped. 0 disables both."""
@@ -78,6 +86,7 @@ class TransformerBackbone(Backbone):
         self._eval_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._frozen: torch.nn.Module | None = None
         self._reference_depth = 0
+        self._compile_pending = False
 
     # -- for subclasses
     def _encode_uncached(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -113,6 +122,20 @@ class TransformerBackbone(Backbone):
             transformer.requires_grad_(True)
         if opts.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        self._compile_pending = opts.compile == "on" or (opts.compile == "auto" and self._native_bf16)
+
+    def _compile(self) -> None:
+        """Compile the denoiser (and its frozen copy) in place, at the first forward: by then the engine
+        has prepared it, and FSDP2-sharded weights stay eager."""
+        self._compile_pending = False
+        missing = _missing_compiler(self.device)
+        if missing or any(is_sharded(p) for p in self.transformer.parameters()):
+            why = f"needs {missing}, which is not installed" if missing else "is not supported on FSDP2-sharded weights"
+            warnings.warn(f"{self.name}.compile {why}; running eager.", stacklevel=3)
+            return
+        for module in (self.transformer, self._frozen):
+            if module is not None:
+                module.compile()
 
     @property
     def is_lora(self) -> bool:
@@ -156,6 +179,8 @@ class TransformerBackbone(Backbone):
         return out
 
     def _velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if self._compile_pending:
+            self._compile()
         net = self._frozen if (self._reference_depth and self._frozen is not None) else self.policy_module
         t = cond.tensors
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
@@ -168,9 +193,12 @@ class TransformerBackbone(Backbone):
     @property
     def _autocast(self) -> bool:
         mode = self.options.autocast
-        if mode == "auto":
-            return self.device.type == "cuda" or (self.device.type == "cpu" and cpu_info()["native_bf16"])
-        return mode == "on"
+        return self._native_bf16 if mode == "auto" else mode == "on"
+
+    @property
+    def _native_bf16(self) -> bool:
+        """Whether the device computes bf16 natively (CUDA, or a CPU with AVX512-BF16 or AMX)."""
+        return self.device.type == "cuda" or (self.device.type == "cpu" and cpu_info()["native_bf16"])
 
     def trainable_module(self) -> torch.nn.Module:
         return self.transformer
@@ -252,6 +280,17 @@ class TransformerBackbone(Backbone):
         with torch.no_grad():
             for k, v in got.items():
                 params[wanted[k]].copy_(v)
+
+
+def _missing_compiler(device: torch.device) -> str | None:
+    """What inductor lacks on ``device`` to compile (None if nothing): a C++ compiler or Triton."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "Triton"
+    from torch._inductor import config
+
+    return None if any(c and shutil.which(c) for c in config.cpp.cxx) else "a C++ compiler (g++)"
 
 
 def pixels_to_uint8(images: torch.Tensor) -> np.ndarray:

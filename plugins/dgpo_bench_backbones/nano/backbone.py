@@ -23,6 +23,7 @@ class NanoOptions(TransformerOptions):
     weights: Path | None = None
     """A checkpoint folder (config.json + model.safetensors) to load instead of the shipped one."""
     autocast: Literal["auto", "on", "off"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
 
 
 class NanoBackbone(TransformerBackbone):
