@@ -31,6 +31,8 @@ def _main(capsys, *argv):
     (["run", "--nope"], "No such option: --nope"),
     (["run", "--updates-per-rollout", "0", "--dry-run"], "Invalid setting 'updates_per_rollout'"),
     (["run", "--updates-per-rollout", "3", "--dry-run"], "updates_per_rollout=3 must divide prompts_per_step=8"),
+    (["run", "-o", "nano.compile=maybe", "--dry-run"],
+     "Invalid option compile for backbone 'nano': Input should be 'auto', 'on' or 'off' (got 'maybe')."),
 ])
 def test_user_errors_are_one_sentence_and_exit_2(capsys, monkeypatch, tmp_path, argv, needle):
     monkeypatch.chdir(tmp_path)  # a run that fails after starting writes its default runs/ folder here

@@ -52,8 +52,11 @@ def per_sample(bb, batch, obj, ctx, j, s, weights=None, eps=None):
     return mse(v), mse(v_ref), v, v_ref
 
 
-@pytest.mark.parametrize("form, micro", [("released", None), ("released", 5), ("paper", None), ("paper", 5)])
+@pytest.mark.parametrize("form, micro", [("released", None), ("released", 5), ("released", G), ("paper", None),
+                                         ("paper", 5), ("paper", 2 * G)])
 def test_surrogate_gradient_is_the_log_sigmoid_gradient(form, micro):
+    """Micro-batches of whole groups (4, 8) take s_g from their own pass, as released; 5 splits groups and
+    needs one more no-grad policy pass per timestep. All give the same gradient."""
     beta = 200.0
     opts = {"beta_dpo": beta, "beta_kl": 0.0, "trust_region": False, "num_timesteps": 2, "trunc_steps": 3,
             "loss_form": form, "micro_batch_size": micro, "grad_clip": 0.0}
@@ -69,7 +72,10 @@ def test_surrogate_gradient_is_the_log_sigmoid_gradient(form, micro):
         s_all.append(s_g.detach())
     assert torch.cat(s_all).abs().max() > 0.2  # the sigmoid weights are far from a constant 1/2
     expected = torch.autograd.grad(total, params)
+    nfe = bb.meter.nfe["policy"]
     out = ctx.update(obj, batch)
+    extra = 1 if micro == 5 else 0  # the no-grad policy pass for s_g
+    assert bb.meter.nfe["policy"] - nfe == (1 + extra) * len(batch) * len(sigmas)
     factor = G / (beta * len(batch)) if form == "released" else 1 / 3
     for got, want in zip(ctx.grads, expected):
         assert close(got, factor * want)

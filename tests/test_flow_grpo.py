@@ -57,26 +57,31 @@ def plain_log_prob(bb, batch, k, g, reference=False):
     return logp, mean, std_dev_t
 
 
-def test_ppo_clipped_gradient_matches_hand_computation():
-    """Off-policy stored log-probs engage the clip; the gradient is that of the written-out loss."""
+@pytest.mark.parametrize("drop", [True, False])
+def test_ppo_clipped_gradient_matches_hand_computation(drop):
+    """Off-policy stored log-probs engage the clip; the gradient is that of the written-out loss, averaged
+    over the samples whose advantage is not 0 (released) or over all of them (drop_zero_advantage=false).
+    The second group's rewards 0.5 equal its mean: those two samples have advantage exactly 0."""
     eps, beta = 0.05, 0.3
     bb, sampler, batch, obj, ctx = setup({"beta_kl": beta, "clip_range": eps, "global_std": False,
-                                          "grad_clip": 0.0})
+                                          "grad_clip": 0.0, "drop_zero_advantage": drop})
     bb.perturb(0.1)  # the policy moved since the rollout; the reference did not
     params = bb.trainable_parameters()
     shift = 0.1 * torch.randn(batch.log_probs.shape, generator=torch.Generator().manual_seed(3))
     batch.log_probs = batch.log_probs + shift
     adv = plain_advantages(REWARDS, G, global_std=False)
+    keep = adv != 0 if drop else torch.ones(len(adv), dtype=torch.bool)
+    assert int(keep.sum()) == (6 if drop else 8)
     total, ratios = 0.0, []
     for k in range(3):
         logp, mean, std_dev_t = plain_log_prob(bb, batch, k, 1.5)
         with torch.no_grad():
             _, mean_ref, _ = plain_log_prob(bb, batch, k, 1.5, reference=True)
         ratio = torch.exp(logp - batch.log_probs[:, k])
-        ppo = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps, 1 + eps)).mean()
-        kl = ((mean - mean_ref) ** 2).flatten(1).mean(1).mean() / (2 * std_dev_t**2)
+        ppo = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps, 1 + eps))[keep].mean()
+        kl = ((mean - mean_ref) ** 2).flatten(1).mean(1)[keep].mean() / (2 * std_dev_t**2)
         total = total + (ppo + beta * kl) / 3
-        ratios.append(ratio.detach())
+        ratios.append(ratio.detach()[keep])
     r = torch.cat(ratios)
     clipped = ((r - 1).abs() > eps).float().mean()
     assert 0 < clipped < 1
@@ -86,6 +91,23 @@ def test_ppo_clipped_gradient_matches_hand_computation():
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     assert out.metrics["clip_frac"] == pytest.approx(float(clipped))
     assert out.metrics["ratio_max"] == pytest.approx(float(r.max()), rel=1e-5)
+    assert out.metrics["kept_frac"] == (0.75 if drop else 1.0)
+
+
+def test_a_group_whose_rewards_are_all_equal_costs_no_passes():
+    """As released, zero-advantage samples are not re-scored: with micro-batches of 2, the 4 samples of a
+    uniform group are skipped and the update takes 2 passes per trained step instead of 4."""
+    bb = load_toy(MlpBackbone, guidance_scale=1.5)
+    sampler = FlowSde({"steps": 4, "shift": 3.0})
+    batch = rollout(bb, sampler, TEXTS, G, [0.2, 0.9, 0.4, 0.6, 0.5, 0.5, 0.5, 0.5], trajectory=True)
+    for drop, passes in ((True, 2), (False, 4)):
+        obj = FlowGrpo({"micro_batch_size": 2, "drop_zero_advantage": drop})
+        ctx = make_context(bb, sampler, obj, G, len(TEXTS))
+        nfe = bb.meter.nfe["policy"]
+        assert obj.update(batch, ctx).passes == 3 * passes
+        out = ctx.update(obj, batch)
+        assert bb.meter.nfe["policy"] - nfe == 3 * passes * 2 * 2  # 3 steps, 2 samples a pass, CFG doubles
+        assert out.metrics["kept_frac"] == (0.5 if drop else 1.0)
 
 
 @pytest.mark.parametrize("window, trained", [(None, 9), ((2, 5), 3)])
@@ -94,7 +116,7 @@ def test_trains_steps_0_to_8_of_10_or_the_sde_window(window, trained):
                                          sampler_options={"sde_window": window} if window else {})
     before = dict(bb.meter.nfe)
     out = ctx.update(obj, batch)
-    n = len(batch)
+    n = len(batch) - 2  # the two samples whose reward equals their group's mean are not trained
     assert out.metrics["trained_steps"] == trained
     assert bb.meter.nfe["policy"] - before.get("policy", 0) == 2 * n * trained  # CFG in the recompute
     assert bb.meter.nfe["reference"] - before.get("reference", 0) == 2 * n * trained

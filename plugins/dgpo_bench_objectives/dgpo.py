@@ -65,7 +65,9 @@ class DgpoOptions(OptimizerOptions):
     """'released': mean_i(w_g A_i L_i); 'paper': mean_g(-log sigmoid(-s_g)), whose preference gradient
     is beta_dpo times the released one's (same direction, different balance with the KL)."""
     micro_batch_size: int | None = Field(None, ge=1)
-    """Samples per forward/backward pass (None: all local samples at once)."""
+    """Samples per forward/backward pass (None: all local samples at once). Where every pass holds whole
+    groups (a multiple of the group size, groups not split across processes), as released, s_g comes
+    from each pass's own losses; otherwise one more no-grad policy pass per timestep computes it."""
 
     @model_validator(mode="after")
     def _pool(self) -> "DgpoOptions":
@@ -150,6 +152,7 @@ class Dgpo(Objective):
         need_old = o.trust_region or o.reference == "fast-ema"
         M = len(train_sigmas)
         present = ctx.group_sum(torch.ones(n, device=device), gids) > 0  # the groups this update holds
+        whole = len(chunks) > 1 and self._whole_groups(ctx, gids, chunks)
 
         def velocities(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             if len(chunks) == 1:  # one pass: no concatenated copy of its output
@@ -173,15 +176,19 @@ class Dgpo(Objective):
                         L_old = velocity_mse(velocities(x_t, s), target)
                 L_ref = L_old if o.reference == "fast-ema" else L_base
                 s_g = None
-                if len(chunks) > 1:  # s_g needs every member's loss before the first backward
+                if len(chunks) > 1 and not whole:  # s_g needs every member's loss before the first backward
                     s_g = self._group_sums(ctx, adv, velocity_mse(velocities(x_t, s), target), L_ref, gids)
 
             pref_value = torch.zeros(())
+            s_whole = torch.zeros(ctx.num_groups, device=device)
             for c in chunks:
                 v = bb.velocity(x_t[c], s, batch.cond.select(c))
                 L = velocity_mse(v, target[c])
                 a = adv[c]
-                if s_g is None:
+                if whole:  # this pass holds its groups whole on every process: their sums are complete
+                    s_g = self._group_sums(ctx, a, L.detach(), L_ref[c], gids[c])
+                    s_whole = s_whole + s_g
+                elif s_g is None:
                     s_g = self._group_sums(ctx, a, L.detach(), L_ref[c], gids[c])
                 w = torch.sigmoid(s_g)
                 clipped = torch.zeros_like(L, dtype=torch.bool)
@@ -204,6 +211,9 @@ class Dgpo(Objective):
                 stats["clip"].append(clipped.float())
                 stats["kl"].append(kl.detach())
                 stats["gap"].append(L.detach() - L_base[c])
+            if whole:
+                s_g = s_whole
+                w = torch.sigmoid(s_g)
             if o.loss_form == "paper":
                 pref_value = -F.logsigmoid(-s_g[present]).mean().cpu()
             stats["pref"].append(pref_value)
@@ -228,6 +238,16 @@ class Dgpo(Objective):
                        group_weight_max=float(cat["weight"].max()), s_g_abs_mean=float(cat["s_g"].abs().mean()),
                        rollout_ema=float(self._rolls_out_ema(ctx)))
         return StepOutput(metrics=metrics, advantages=adv.detach().cpu())
+
+    @staticmethod
+    def _whole_groups(ctx: TrainContext, gids: torch.Tensor, chunks: list[slice]) -> bool:
+        """Whether every micro-batch, on every process, holds each of its groups' members of the update
+        (as the release's micro-batches do): s_g then comes from the pass's own losses, with no extra
+        policy pass."""
+        per_group = ctx.group_sum(torch.ones(len(gids), device=gids.device), gids)
+        mine = all(bool((torch.bincount(gids[c], minlength=ctx.num_groups)[gids[c]] == per_group[gids[c]]).all())
+                   for c in chunks)
+        return int(ctx.all_reduce_sum(torch.tensor([float(mine)], device=gids.device)).item()) == ctx.num_processes
 
     def _group_sums(self, ctx: TrainContext, adv: torch.Tensor, L: torch.Tensor, L_ref: torch.Tensor,
                     gids: torch.Tensor) -> torch.Tensor:

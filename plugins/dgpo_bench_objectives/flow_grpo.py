@@ -5,9 +5,11 @@ For each trained step k (the first ``int(T * timestep_fraction)`` stochastic ste
 with the rollout's CFG: ``ratio = exp(logp_theta - logp_old)``,
 ``L = mean(max(-A ratio, -A clamp(ratio, 1 - eps, 1 + eps))) + beta_kl KL`` with
 ``KL = mean((mean_theta - mean_ref)^2) / (2 std_dev_t^2)`` against the frozen reference.
-Losses are averaged over samples and trained steps. With ``updates_per_rollout`` k the
-rollout's samples are dealt at random into k updates, as the release shuffles them; every
-update after the first is off-policy (its ratio differs from 1 and the clip acts).
+Losses are averaged over samples and trained steps. As released, samples whose advantage is
+exactly 0 (every member of a group scored the same) are not trained: no passes, and not in
+the mean. With ``updates_per_rollout`` k the rollout's samples are dealt at random into k
+updates, as the release shuffles them; every update after the first is off-policy (its ratio
+differs from 1 and the clip acts).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class FlowGrpoOptions(OptimizerOptions):
     micro_batch_size: int | None = Field(None, ge=1)
     """Samples per forward/backward pass (None: all local samples at once). Matching the engine's
     rollout batch keeps the on-policy ratio bit-exactly 1; other sizes may differ by rounding."""
+    drop_zero_advantage: bool = True
+    """Train only samples whose advantage is not exactly 0 (released); False trains every sample."""
 
 
 class FlowGrpo(Objective):
@@ -74,22 +78,31 @@ class FlowGrpo(Objective):
         trained_steps(sampler(sampler_options), sampler_options.steps, options.timestep_fraction)
 
     def update(self, batch: RolloutBatch, ctx: TrainContext) -> Update:
-        """Trained steps x micro-batches passes; each yields its share of the mean over samples and steps."""
-        steps = trained_steps(ctx.sampler, batch.log_probs.shape[1], self.options.timestep_fraction)
-        chunks = micro_batches(len(batch), self.options.micro_batch_size)
-        return Update(len(steps) * len(chunks), self._losses(batch, ctx, steps, chunks))
+        """Trained steps x micro-batches of the kept samples; each pass yields its share of the mean over
+        the kept samples of every process and the trained steps. A process with fewer micro-batches
+        than another pads with zero-weight passes."""
+        o = self.options
+        steps = trained_steps(ctx.sampler, batch.log_probs.shape[1], o.timestep_fraction)
+        adv = local_advantages(batch, global_std=o.global_std, clip=o.adv_clip).to(batch.latents.device)
+        kept = (adv != 0).nonzero().flatten() if o.drop_zero_advantage else torch.arange(len(batch))
+        counts = ctx.gather(torch.tensor([len(kept)], device=ctx.accelerator.device)).cpu()
+        chunks = [kept[c] for c in micro_batches(len(kept), o.micro_batch_size)] if len(kept) else []
+        most = max(-(-int(c) // (o.micro_batch_size or max(int(c), 1))) for c in counts)
+        chunks += [None] * (max(most, 1) - len(chunks))  # padding: a zero-weight pass on sample 0
+        return Update(len(steps) * len(chunks), self._losses(batch, ctx, steps, chunks, adv, int(counts.sum())))
 
-    def _losses(self, batch: RolloutBatch, ctx: TrainContext, steps: list[int],
-                chunks: list[slice]) -> Iterator[torch.Tensor]:
+    def _losses(self, batch: RolloutBatch, ctx: TrainContext, steps: list[int], chunks: list[torch.Tensor | None],
+                adv: torch.Tensor, kept: int) -> Iterator[torch.Tensor]:
         o, bb, sampler = self.options, ctx.backbone, ctx.sampler
         device = batch.latents.device
-        adv = local_advantages(batch, global_std=o.global_std, clip=o.adv_clip).to(device)
         traj, old = batch.trajectory, batch.log_probs.to(device)
-        n, g = len(batch), batch.guidance_scale
-        units = n * ctx.num_processes * len(steps)  # samples x trained steps, on every process
+        g = batch.guidance_scale
+        units = max(kept, 1) * len(steps)  # kept samples x trained steps, on every process
+        pad = torch.zeros(1, dtype=torch.long)
         ratios, clipped, approx_kl, kls, policy = [], [], [], [], torch.zeros(())
         for k in steps:
             for c in chunks:
+                weight, c = (1.0, c) if c is not None else (0.0, pad)
                 cond = batch.cond.select(c)
                 x, x_next = traj[c, k].to(device), traj[c, k + 1].to(device)
                 logp, mean, std_dev_t = sampler.step_log_prob(bb, cond, x, x_next, batch.sigmas, k, g)
@@ -102,18 +115,21 @@ class FlowGrpo(Objective):
                         _, mean_ref, _ = sampler.step_log_prob(bb, cond, x, x_next, batch.sigmas, k, g)
                     kl = (mean - mean_ref).square().flatten(1).mean(1) / (2 * std_dev_t**2)
                     loss = loss + o.beta_kl * kl.sum()
+                yield loss * (weight / units)
+                if not weight:
+                    continue
+                if o.beta_kl > 0:
                     kls.append(kl.detach())
-                yield loss / units
-                policy = policy + pl.detach().sum().cpu() / (n * len(steps))
+                policy = policy + pl.detach().sum().cpu() / units * ctx.num_processes
                 ratios.append(ratio.detach())
                 clipped.append(((ratio.detach() - 1).abs() > o.clip_range).float())
                 approx_kl.append(0.5 * (logp.detach() - old[c, k]).square())
 
-        r = torch.cat(ratios)
-        metrics = {"policy_loss": float(policy), "clip_frac": float(torch.cat(clipped).mean()),
-                   "approx_kl": float(torch.cat(approx_kl).mean()), "ratio_mean": float(r.mean()),
-                   "ratio_min": float(r.min()), "ratio_max": float(r.max()),
+        r = torch.cat(ratios) if ratios else torch.ones(1)  # a process without kept samples reports ratio 1
+        metrics = {"policy_loss": float(policy), "clip_frac": float(torch.cat(clipped).mean()) if clipped else 0.0,
+                   "approx_kl": float(torch.cat(approx_kl).mean()) if approx_kl else 0.0,
+                   "ratio_mean": float(r.mean()), "ratio_min": float(r.min()), "ratio_max": float(r.max()),
                    "kl": float(torch.cat(kls).mean()) if kls else 0.0, "adv_abs_mean": float(adv.abs().mean())}
         metrics = reduce_metrics(ctx, metrics, mins=("ratio_min",), maxs=("ratio_max",))
-        metrics.update(trained_steps=float(len(steps)))
+        metrics.update(trained_steps=float(len(steps)), kept_frac=kept / (len(batch) * ctx.num_processes))
         return StepOutput(metrics=metrics, advantages=adv.detach().cpu())
