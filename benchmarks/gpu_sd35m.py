@@ -334,12 +334,13 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():  # warm-up: kernels, allocator, and every shape a compiled denoiser meets below
         bb.velocity(warm[: args.rollout_batch], 0.5, cond_all.select(slice(0, args.rollout_batch)),
                     guidance_scale=GUIDANCE)
-        bb.velocity(warm[mb], 0.5, cond_all.select(mb))
-        bb.velocity(warm[mb], 0.5, cond_all.select(mb), guidance_scale=GUIDANCE)
-        with bb.reference():
+        if args.compile:
             bb.velocity(warm[mb], 0.5, cond_all.select(mb))
             bb.velocity(warm[mb], 0.5, cond_all.select(mb), guidance_scale=GUIDANCE)
-    for g in (1.0, GUIDANCE):
+            with bb.reference():
+                bb.velocity(warm[mb], 0.5, cond_all.select(mb))
+                bb.velocity(warm[mb], 0.5, cond_all.select(mb), guidance_scale=GUIDANCE)
+    for g in (1.0, GUIDANCE) if args.compile else (1.0,):
         bb.velocity(warm[mb], 0.5, cond_all.select(mb), guidance_scale=g).square().mean().backward()
     for p in bb.trainable_parameters():
         p.grad = None

@@ -151,8 +151,9 @@ class Dgpo(Objective):
         N = n * ctx.num_processes  # samples of this update on every process
         need_old = o.trust_region or o.reference == "fast-ema"
         M = len(train_sigmas)
-        present = ctx.group_sum(torch.ones(n, device=device), gids) > 0  # the groups this update holds
-        whole = len(chunks) > 1 and self._whole_groups(ctx, gids, chunks)
+        members = ctx.group_sum(torch.ones(n, device=device), gids)  # per group, on every process
+        present = members > 0  # the groups this update holds
+        whole = len(chunks) > 1 and self._whole_groups(ctx, gids, chunks, members)
 
         def velocities(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             if len(chunks) == 1:  # one pass: no concatenated copy of its output
@@ -185,11 +186,9 @@ class Dgpo(Objective):
                 v = bb.velocity(x_t[c], s, batch.cond.select(c))
                 L = velocity_mse(v, target[c])
                 a = adv[c]
-                if whole:  # this pass holds its groups whole on every process: their sums are complete
+                if whole or s_g is None:  # whole: this pass holds its groups whole, their sums are complete
                     s_g = self._group_sums(ctx, a, L.detach(), L_ref[c], gids[c])
                     s_whole = s_whole + s_g
-                elif s_g is None:
-                    s_g = self._group_sums(ctx, a, L.detach(), L_ref[c], gids[c])
                 w = torch.sigmoid(s_g)
                 clipped = torch.zeros_like(L, dtype=torch.bool)
                 if o.trust_region:
@@ -240,12 +239,11 @@ class Dgpo(Objective):
         return StepOutput(metrics=metrics, advantages=adv.detach().cpu())
 
     @staticmethod
-    def _whole_groups(ctx: TrainContext, gids: torch.Tensor, chunks: list[slice]) -> bool:
-        """Whether every micro-batch, on every process, holds each of its groups' members of the update
-        (as the release's micro-batches do): s_g then comes from the pass's own losses, with no extra
+    def _whole_groups(ctx: TrainContext, gids: torch.Tensor, chunks: list[slice], members: torch.Tensor) -> bool:
+        """Whether every micro-batch, on every process, holds all ``members`` of each of its groups (as
+        the release's micro-batches do): s_g then comes from the pass's own losses, with no extra
         policy pass."""
-        per_group = ctx.group_sum(torch.ones(len(gids), device=gids.device), gids)
-        mine = all(bool((torch.bincount(gids[c], minlength=ctx.num_groups)[gids[c]] == per_group[gids[c]]).all())
+        mine = all(bool((torch.bincount(gids[c], minlength=ctx.num_groups)[gids[c]] == members[gids[c]]).all())
                    for c in chunks)
         return int(ctx.all_reduce_sum(torch.tensor([float(mine)], device=gids.device)).item()) == ctx.num_processes
 

@@ -84,10 +84,10 @@ class FlowGrpo(Objective):
         o = self.options
         steps = trained_steps(ctx.sampler, batch.log_probs.shape[1], o.timestep_fraction)
         adv = local_advantages(batch, global_std=o.global_std, clip=o.adv_clip).to(batch.latents.device)
-        kept = (adv != 0).nonzero().flatten() if o.drop_zero_advantage else torch.arange(len(batch))
+        kept = (adv != 0).nonzero().flatten().cpu() if o.drop_zero_advantage else torch.arange(len(batch))
         counts = ctx.gather(torch.tensor([len(kept)], device=ctx.accelerator.device)).cpu()
-        chunks = [kept[c] for c in micro_batches(len(kept), o.micro_batch_size)] if len(kept) else []
-        most = max(-(-int(c) // (o.micro_batch_size or max(int(c), 1))) for c in counts)
+        chunks = [kept[c] for c in micro_batches(len(kept), o.micro_batch_size)]
+        most = max(len(micro_batches(int(c), o.micro_batch_size)) for c in counts)
         chunks += [None] * (max(most, 1) - len(chunks))  # padding: a zero-weight pass on sample 0
         return Update(len(steps) * len(chunks), self._losses(batch, ctx, steps, chunks, adv, int(counts.sum())))
 
